@@ -1,0 +1,132 @@
+"""Typed settings with the seed's defaults. Defaults < YAML file < command-line flags.
+
+Each check in __post_init__ names the flag to change, so a bad value reads as a sentence.
+The resolved settings are saved next to every adapter (banklora_meta.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from banklora.errors import UsageError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    """LoRA rank: higher = more capacity and memory."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.1
+    bias: str = "none"
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.r < 1:
+            raise UsageError(f"--lora-r must be at least 1 (got {self.r})")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--lora-dropout must be in [0, 1) (got {self.dropout})")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise UsageError(f"lora bias must be none, all or lora_only (got {self.bias!r})")
+
+
+@dataclass
+class TrainSettings:
+    base_model: str = "gemma-3-270m"
+    """The embedded Gemma 3 270M, a local HF checkpoint directory, or a hub id."""
+    data: tuple[str, ...] = ("banking",)
+    """Data sources: built-in names ("banking") and JSON/JSONL files, concatenated."""
+    output_dir: str = "outputs/lora_banking"
+    epochs: float = 3
+    batch_size: int = 4
+    lr: float = 2e-4
+    max_length: int = 512
+    """Examples longer than this (in Gemma tokens) are dropped and counted, never truncated."""
+    warmup_steps: int = 100
+    warmup_cap: float = 0.1
+    """Warmup never exceeds this fraction of the run (the seed's 100 steps exceed small runs)."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    dtype: str = "auto"
+    """auto = float32 on CPU, bfloat16 on CUDA where supported."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (for quick checks); None = run all epochs."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        self.data = tuple(self.data)
+        if self.dtype in ("fp16", "float16", "half"):
+            raise UsageError(
+                "--dtype fp16 is refused for Gemma: its activations reach ~8e5 and overflow float16; "
+                "use --dtype bf16 on a GPU or fp32 (the CPU default)"
+            )
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--lr", self.lr)):
+            if value <= 0:
+                raise UsageError(f"{flag} must be positive (got {value})")
+        if self.max_length < 16:
+            raise UsageError(f"--max-length must be at least 16 tokens (got {self.max_length})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UsageError(f"--max-steps must be at least 1 (got {self.max_steps})")
+        if not 0 <= self.warmup_cap <= 1:
+            raise UsageError(f"warmup_cap must be in [0, 1] (got {self.warmup_cap})")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The seed's warmup, capped to warmup_cap of the run."""
+        return min(self.warmup_steps, int(self.warmup_cap * total_steps))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    """0 = greedy (deterministic)."""
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be 0 (greedy) or positive (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1] (got {self.top_p})")
+
+
+def load_train_settings(config_file: Path | None, overrides: dict) -> TrainSettings:
+    """Defaults < YAML file < flags. `overrides` holds only the flags the user gave."""
+    values: dict = {}
+    if config_file is not None:
+        import yaml
+
+        if not config_file.is_file():
+            raise UsageError(f"--config {config_file} does not exist")
+        try:
+            values = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--config {config_file}: not valid YAML ({exc})") from exc
+        if not isinstance(values, dict):
+            raise UsageError(f"--config {config_file}: expected a mapping of settings at the top level")
+        known = {f.name for f in dataclasses.fields(TrainSettings)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"--config {config_file}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    lora = dict(values.pop("lora", None) or {})
+    lora.update(overrides.pop("lora", {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainSettings(**values, lora=LoraSettings(**lora))
+    except TypeError as exc:
+        raise UsageError(f"--config {config_file}: {exc}") from exc

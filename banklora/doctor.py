@@ -1,0 +1,56 @@
+"""`banklora doctor`: is this machine ready? Versions, device, threads, the model, a generation."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def run_checks(base_model: str) -> list[Check]:
+    checks: list[Check] = []
+    py_ok = sys.version_info >= (3, 10)
+    checks.append(Check("python", py_ok, platform.python_version() + ("" if py_ok else ": banklora needs 3.10 or newer")))
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError as exc:
+        checks.append(Check("libraries", False, f"{exc}; reinstall with `pip install -e .`"))
+        return checks
+    checks.append(Check("libraries", True, f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"))
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        bf16 = torch.cuda.is_bf16_supported()
+        checks.append(Check("device", True, f"CUDA: {name} ({'bf16' if bf16 else 'fp32, no bf16'})"))
+    else:
+        checks.append(Check("device", True, f"CPU ({platform.machine()}), float32; no CUDA GPU found"))
+    checks.append(Check("threads", True, f"torch uses {torch.get_num_threads()} of {os.cpu_count()} cores"))
+
+    from banklora.config import GenerationSettings
+    from banklora.data.format import encode_prompt
+    from banklora.errors import BankloraError
+    from banklora.generate import generate_batch
+    from banklora.modeling import load
+
+    try:
+        start = time.perf_counter()
+        loaded = load(base_model)
+        checks.append(Check("model", True, f"{loaded.base.name} at {loaded.base.path} (loaded in {time.perf_counter() - start:.1f} s)"))
+    except BankloraError as exc:
+        checks.append(Check("model", False, str(exc)))
+        return checks
+    prompt = encode_prompt(loaded.tokenizer, "什么是活期存款？")
+    gen = generate_batch(loaded.model, loaded.tokenizer, [prompt], GenerationSettings(max_new_tokens=16), batch_size=1)[0]
+    ok = gen.new_tokens > 0
+    checks.append(Check("generation", ok, f"{gen.new_tokens} tokens at {gen.tokens_per_second:.1f} tok/s: {gen.text[:40]!r}"))
+    return checks

@@ -1,0 +1,234 @@
+"""The one loader, and the adapter on disk.
+
+`load()` is the only function in banklora that builds a model: a base model, or a base model
+plus a LoRA adapter. Training, compare, chat and doctor all call it. An adapter directory is
+plain PEFT (adapter_config.json + adapter_model.safetensors) plus the tokenizer with its chat
+template and banklora_meta.json, and it is written to a temporary directory, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from banklora import basemodel
+from banklora.data.format import GEMMA_CHAT_TEMPLATE
+from banklora.errors import BankloraError, UsageError
+
+log = logging.getLogger(__name__)
+
+META_FILE = "banklora_meta.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class BaseModelInfo:
+    name: str  # what the user asked for: "gemma-3-270m", a directory, or a hub id
+    path: Path  # local directory holding config, safetensors and tokenizer
+    sha256: str  # of the weight files' contents: identifies the base an adapter belongs to
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module  # a transformers model, or a peft.PeftModel around one
+    tokenizer: object
+    base: BaseModelInfo
+    device: torch.device
+    dtype: torch.dtype
+    adapter_path: Path | None = None
+    meta: dict | None = None  # the adapter's banklora_meta.json
+
+
+def resolve_base(spec: str) -> BaseModelInfo:
+    """Find a base model: the embedded name, a local HF checkpoint directory, or a hub id."""
+    if spec in (basemodel.EMBEDDED_NAME, "embedded"):
+        path = basemodel.embedded_checkpoint()
+        return BaseModelInfo(basemodel.EMBEDDED_NAME, path, basemodel.read_manifest(path)["weights_sha256"])
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+            raise UsageError(f"--base-model {spec}: no such directory, and not a hub id of the form owner/name")
+        path = _download(spec)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--base-model {spec}: {path} has no config.json; point it at a Hugging Face checkpoint directory")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise UsageError(f"--base-model {spec}: {path} has no .safetensors weights; banklora loads safetensors only (no pickle files)")
+    manifest = basemodel.read_manifest(path)
+    if manifest is not None:
+        sha = manifest["weights_sha256"]
+    else:
+        sha = basemodel._combine([basemodel.sha256_file(w) for w in weights])
+    return BaseModelInfo(spec, path.resolve(), sha)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated model: all say the same to the user
+        raise UsageError(f"--base-model {repo_id}: not a local directory, and the hub did not provide it ({type(exc).__name__}); download it first or pass a directory") from exc
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmul is hundreds of times slower without AVX512-BF16), bf16 on CUDA."""
+    if setting in ("fp16", "float16", "half"):
+        raise UsageError("fp16 is refused for Gemma: activations reach ~8e5 and overflow float16; use bf16 or fp32")
+    if setting == "fp32":
+        return torch.float32
+    if setting == "bf16":
+        if device.type == "cpu":
+            log.warning("bf16 on this CPU is much slower than fp32 unless it has AVX512-BF16 or AMX")
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_meta(adapter_dir: Path) -> dict:
+    meta_path = adapter_dir / META_FILE
+    if not meta_path.is_file():
+        return {}
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{meta_path}:{exc.lineno}: not valid JSON; the adapter's metadata is damaged") from exc
+
+
+def load(
+    model_path: str | None = None,
+    *,
+    base_model: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    training: bool = False,
+) -> Loaded:
+    """Load a base model, or base + adapter when `model_path` is an adapter directory.
+
+    model_path: an adapter directory (its base comes from its metadata unless base_model is
+    given), or a base model (embedded name, directory, hub id). training=True loads a base for
+    LoRA training (eager attention, as transformers recommends for Gemma 3).
+    """
+    adapter_dir, meta = None, None
+    if model_path is not None and is_adapter_dir(model_path):
+        adapter_dir = Path(model_path)
+        meta = read_meta(adapter_dir)
+        base_model = base_model or meta.get("base_model", {}).get("name") or _peft_base(adapter_dir)
+    elif model_path is not None:
+        if Path(model_path).is_dir() and not (Path(model_path) / "config.json").is_file():
+            raise UsageError(f"{model_path} is neither an adapter (no {ADAPTER_CONFIG}) nor a model directory (no config.json)")
+        if not Path(model_path).exists() and model_path.startswith((".", "/", "~", "outputs")):
+            raise UsageError(f"{model_path} does not exist; train an adapter there with `banklora train --output-dir {model_path}`")
+        base_model = model_path
+    base = resolve_base(base_model or basemodel.EMBEDDED_NAME)
+    if adapter_dir is not None:
+        _check_adapter(adapter_dir, meta, base)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    model = AutoModelForCausalLM.from_pretrained(
+        base.path,
+        dtype=torch_dtype,
+        use_safetensors=True,
+        attn_implementation="eager" if training else "sdpa",
+    ).to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base.path)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    model.eval()
+    return Loaded(model, tokenizer, base, dev, torch_dtype, adapter_dir, meta)
+
+
+def _peft_base(adapter_dir: Path) -> str | None:
+    return json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file()
+
+
+def _check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) -> None:
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise UsageError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}; banklora loads safetensors adapters only")
+    trained_on = (meta or {}).get("base_model", {}).get("sha256")
+    if trained_on and trained_on != base.sha256:
+        raise UsageError(
+            f"adapter {adapter_dir} was trained on base model "
+            f"{meta['base_model'].get('name')} (sha256 {trained_on[:12]}), but {base.name} has sha256 "
+            f"{base.sha256[:12]}; pass the base it was trained on with --base-model"
+        )
+
+
+def save_adapter(model, tokenizer, output_dir: Path, meta: dict) -> Path:
+    """Write adapter + tokenizer + metadata to a temporary directory, then rename into place.
+
+    A crash at any point leaves either the previous adapter or the new one, never half of one.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise BankloraError(f"refusing to save: {len(bad)} adapter tensors hold NaN or inf (e.g. {bad[0]})")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.chat_template = tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=_json_default))
+        if output_dir.exists():
+            output_dir.rename(old)
+        try:
+            tmp.rename(output_dir)
+        except OSError:
+            if old.exists():
+                old.rename(output_dir)  # put the previous adapter back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if output_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return output_dir
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"cannot write {type(value).__name__} to metadata")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a report so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
