@@ -1,0 +1,81 @@
+"""Fixtures: the real Gemma tokenizer and a tiny random Gemma3 built here (no download)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from banklora import basemodel
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The converted embedded Gemma 3 270M (converted on first use, then cached)."""
+    return basemodel.embedded_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def _tiny_gemma(directory: Path, tokenizer, seed: int) -> Path:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),  # the real tokenizer's 262,144 ids
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=1024,
+        sliding_window=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
+    model = Gemma3ForCausalLM(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizer) -> Path:
+    """A randomly initialised 2-layer Gemma3 checkpoint directory (~17M parameters, mostly embeddings)."""
+    return _tiny_gemma(tmp_path_factory.mktemp("tiny-gemma"), tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_base(tmp_path_factory, tokenizer) -> Path:
+    """Same architecture as tiny_base, different weights."""
+    return _tiny_gemma(tmp_path_factory.mktemp("tiny-gemma-other"), tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_base) -> Path:
+    """A LoRA adapter trained for a few steps on tiny_base."""
+    from banklora.config import TrainSettings
+    from banklora.train import train
+
+    out = tmp_path_factory.mktemp("adapters") / "tiny"
+    train(TrainSettings(base_model=str(tiny_base), output_dir=str(out), max_steps=3, batch_size=2, lr=1e-3), show_progress=False)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `banklora` command line in a subprocess."""
+    env = dict(os.environ, COLUMNS="200", BANKLORA_LOG_LEVEL="WARNING")
+    return subprocess.run([sys.executable, "-m", "banklora", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)

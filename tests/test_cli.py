@@ -1,0 +1,80 @@
+"""The command line on bad input: a sentence that names the problem, exit code 2, nothing written."""
+
+import io
+import json
+
+from conftest import run_cli
+
+from banklora.chat import Conversation, repl
+from banklora.config import GenerationSettings
+from banklora.modeling import load
+
+
+def test_missing_data_file_exit_2_and_no_adapter(tmp_path):
+    out = tmp_path / "adapter"
+    result = run_cli("train", "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(out))
+    assert result.returncode == 2
+    assert "nope.jsonl does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_malformed_data_names_line_and_field(tmp_path):
+    bad = tmp_path / "faq.jsonl"
+    bad.write_text('{"instruction": "开户需要什么？", "output": "身份证"}\n{"instruction": "挂失", "outptu": "x"}\n')
+    result = run_cli("train", "--data", str(bad), "--output-dir", str(tmp_path / "a"))
+    assert result.returncode == 2
+    assert f"{bad}:2: field 'output' is missing" in " ".join(result.stderr.split())
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_fp16_refused(tmp_path):
+    result = run_cli("train", "--dtype", "fp16", "--output-dir", str(tmp_path / "a"))
+    assert result.returncode == 2 and "fp16 is refused for Gemma" in result.stderr
+
+
+def test_compare_with_missing_adapter(tmp_path):
+    result = run_cli("compare", "--peft-model-path", str(tmp_path / "none"))
+    assert result.returncode == 2
+    assert "does not exist; train an adapter first" in " ".join(result.stderr.split())
+    assert not (tmp_path / "reports").exists()
+
+
+def test_adapter_trained_on_another_base_is_refused(tiny_adapter, other_tiny_base):
+    result = run_cli("chat", "--model-path", str(tiny_adapter), "--base-model", str(other_tiny_base), "--prompt", "你好")
+    assert result.returncode == 2
+    assert "was trained on base model" in " ".join(result.stderr.split())
+
+
+def test_chat_one_shot_prompt_on_tiny_adapter(tiny_adapter):
+    result = run_cli("chat", "--model-path", str(tiny_adapter), "--prompt", "怎么开户？", "--max-new-tokens", "5", "--temperature", "0", "--no-stream")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()  # a random model says something, up to 5 tokens
+
+
+def test_repl_commands_history_and_reset(tiny_adapter):
+    loaded = load(str(tiny_adapter))
+    inputs = iter(["/help", "第一个问题", "第二个问题", "/reset", "/bogus", "/exit", "never read"])
+    out = io.StringIO()
+    seen_prompts = []
+
+    def read(prompt):
+        seen_prompts.append(prompt)
+        return next(inputs)
+
+    repl(loaded, GenerationSettings(max_new_tokens=3), stream=True, max_context=512, out=out, read=read)
+    text = out.getvalue()
+    assert "/reset" in text and "Ctrl-C" in text  # help was shown
+    assert text.count("bot> ") == 2
+    assert "(conversation cleared)" in text and "unknown command /bogus" in text
+    assert len(seen_prompts) == 6  # stopped reading at /exit
+
+
+def test_history_is_trimmed_oldest_first(tokenizer):
+    conv = Conversation(tokenizer, max_context=60, max_new_tokens=10)
+    for i in range(5):
+        ids = conv.prompt_for(f"第{i}个问题：请详细说明开户流程")
+        assert ids is not None and len(ids) + 10 <= 60
+        conv.answered(f"第{i}个回答：需要身份证")
+    assert conv.turns[0]["content"].startswith("第4") or conv.turns[0]["content"].startswith("第3")
+    assert conv.prompt_for("很长" * 200) is None  # alone it cannot fit

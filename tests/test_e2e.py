@@ -1,0 +1,53 @@
+"""End to end on the real embedded Gemma 3 270M: train a few steps, save, reload, compare, chat."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+from banklora.config import GenerationSettings, TrainSettings
+from banklora.data.format import encode_prompt
+from banklora.evaluation.compare import run_compare
+from banklora.generate import generate_batch
+from banklora.modeling import load
+from banklora.train import train
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, embedded_dir):
+    out = tmp_path_factory.mktemp("e2e") / "lora_banking"
+    result = train(TrainSettings(output_dir=str(out), max_steps=2, batch_size=2, lr=1e-3, max_length=256), show_progress=False)
+    assert len(result.losses) == 2 and all(l > 0 for l in result.losses)
+    return out
+
+
+def test_reload_compare_and_base_answers_match_the_plain_base(adapter):
+    loaded = load(str(adapter))
+    assert loaded.base.name == "gemma-3-270m" and loaded.adapter_path == adapter
+    settings = GenerationSettings(max_new_tokens=12)
+    report = run_compare(str(adapter), settings=settings, limit=2, loaded=loaded)
+    assert report["summary"]["questions"] == 2
+    for row in report["results"]:
+        for model in ("base", "tuned"):
+            r = row[model]
+            assert 0 <= r["keyword_match"] <= 1 and 0 <= r["overall"] <= 1
+            assert 0 < r["tokens"] <= 12 and r["tokens_per_second"] > 0 and r["response_seconds"] > 0
+    # "base" in the report is the base model itself, not the adapter.
+    plain = load("gemma-3-270m")
+    prompt = encode_prompt(plain.tokenizer, "借记卡密码忘了，该怎么处理？")
+    expected = generate_batch(plain.model, plain.tokenizer, [prompt], settings)[0].text
+    assert report["results"][0]["base"]["answer"] == expected
+
+
+def test_compare_and_chat_through_the_cli(adapter):
+    report = adapter.parent / "report.json"
+    result = run_cli("compare", "--peft-model-path", str(adapter), "--limit", "2", "--max-new-tokens", "8", "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert len(data["results"]) == 2 and "keyword match" in result.stdout
+    chat = run_cli("chat", "--model-path", str(adapter), "--prompt", "如何开立银行账户？", "--max-new-tokens", "8", "--temperature", "0")
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.strip()) > 0

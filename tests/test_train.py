@@ -1,0 +1,120 @@
+"""Training on a tiny random Gemma3: the loss falls, weights change, the adapter is plain PEFT."""
+
+import json
+
+import pytest
+import torch
+
+from banklora.config import TrainSettings
+from banklora.data.dataset import load_examples
+from banklora.errors import BankloraError, UsageError
+from banklora.modeling import META_FILE, load, save_adapter
+from banklora.train import answer_loss, collate, encode_dataset, setup_lora, train
+
+
+def _batch(tokenizer, n=4):
+    encoded, _ = encode_dataset(load_examples(["banking"])[:n], tokenizer, 512)
+    return collate(encoded, pad_id=0)
+
+
+def test_answer_only_logits_equal_the_full_loss(tiny_base, tokenizer):
+    loaded = load(str(tiny_base), training=True)
+    model = setup_lora(loaded.model, TrainSettings())
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        full = model(**batch).loss
+        ours = answer_loss(model.eval(), batch)
+    assert ours.item() == pytest.approx(full.item(), abs=1e-5)
+
+
+def test_training_changes_adapter_and_lowers_loss_on_a_repeated_batch(tiny_base, tokenizer):
+    torch.manual_seed(0)
+    loaded = load(str(tiny_base), training=True)
+    model = setup_lora(loaded.model, TrainSettings())
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    assert all(p.abs().sum() == 0 for p in lora_b.values())  # PEFT starts B at zero: no change yet
+    batch = _batch(tokenizer, n=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.eval()  # no dropout: the same batch must give a falling loss
+    losses = []
+    for _ in range(8):
+        loss = answer_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    changed = [n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(p, lora_b[n])]
+    assert len(changed) == len(lora_b)  # every LoRA B matrix moved
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert frozen == []
+
+
+def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_base, tiny_adapter, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    files = {p.name for p in tiny_adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", META_FILE, "tokenizer.json", "chat_template.jinja"} <= files
+    assert not any(name.endswith(".bin") for name in files)
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tiny_adapter).eval()
+    ours = load(str(tiny_adapter)).model
+    ids = torch.tensor([tokenizer("您好，请问怎么开户？")["input_ids"]])
+    with torch.no_grad():
+        a, b = plain(input_ids=ids).logits, ours(input_ids=ids).logits
+        with ours.disable_adapter():
+            base = ours(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, base, atol=1e-4)  # the adapter does change the model
+
+
+def test_metadata_records_base_data_settings_and_losses(tiny_adapter, tiny_base):
+    meta = json.loads((tiny_adapter / META_FILE).read_text())
+    base = load(str(tiny_base)).base
+    assert meta["base_model"]["sha256"] == base.sha256
+    assert meta["lora"] == {"r": 8, "alpha": 32, "dropout": 0.1, "bias": "none",
+                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    assert meta["training"]["steps"] == 3 and len(meta["loss_per_step"]) == 3
+    assert meta["dataset"]["examples"] == 16 and len(meta["dataset"]["sha256"]) == 64
+    assert meta["wall_time_seconds"] > 0
+    assert {"torch", "transformers", "peft", "python"} <= set(meta["versions"])
+
+
+def test_warmup_is_capped_to_a_tenth_of_the_run():
+    s = TrainSettings()
+    assert s.warmup_steps == 100
+    assert s.warmup_for(12) == 1 and s.warmup_for(5000) == 100
+
+
+def test_fp16_is_refused_with_a_reason():
+    with pytest.raises(UsageError, match="overflow float16"):
+        TrainSettings(dtype="fp16")
+
+
+def test_a_failed_save_keeps_the_previous_adapter(tiny_adapter, tmp_path):
+    import shutil
+
+    target = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, target)
+    before = (target / "adapter_model.safetensors").read_bytes()
+    loaded = load(str(target))
+    model = loaded.model
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            p.requires_grad_(True)
+            p.data[0, 0] = float("nan")
+            break
+    with pytest.raises(BankloraError, match="NaN or inf"):
+        save_adapter(model, loaded.tokenizer, target, {})
+    assert (target / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary leftovers
+
+
+def test_train_then_train_again_replaces_atomically(tiny_base, tmp_path):
+    out = tmp_path / "run"
+    for seed in (1, 2):
+        train(TrainSettings(base_model=str(tiny_base), output_dir=str(out), max_steps=1, batch_size=2, seed=seed), show_progress=False)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["training"]["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
