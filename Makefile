@@ -1,0 +1,28 @@
+# banklora: the two commands.  make quickstart  |  make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch from PyPI on Linux is a CUDA build (~5 GB). Where the machine's package sources offer
+# the CPU-only build (e.g. with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu), take
+# it first: the same torch, 190 MB. Otherwise pyproject's range decides. Override with TORCH=.
+TORCH ?= torch==2.13.0+cpu
+
+.PHONY: quickstart test install clean
+
+quickstart: $(VENV)/.installed
+	$(BIN)/banklora quickstart
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "banklora needs Python 3.10 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)" 2>/dev/null || echo "no $(TORCH) here; pip takes torch from pyproject's range"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
