@@ -7,6 +7,8 @@ from conftest import run_cli
 
 from banklora.chat import Conversation, repl
 from banklora.config import GenerationSettings
+from banklora.data.format import encode_prompt
+from banklora.generate import generate_batch
 from banklora.modeling import load
 
 
@@ -49,7 +51,11 @@ def test_adapter_trained_on_another_base_is_refused(tiny_adapter, other_tiny_bas
 def test_chat_one_shot_prompt_on_tiny_adapter(tiny_adapter):
     result = run_cli("chat", "--model-path", str(tiny_adapter), "--prompt", "怎么开户？", "--max-new-tokens", "5", "--temperature", "0", "--no-stream")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()  # a random model says something, up to 5 tokens
+    # the CLI prints exactly the greedy answer of the adapter it loaded
+    loaded = load(str(tiny_adapter))
+    prompt = encode_prompt(loaded.tokenizer, "怎么开户？")
+    expected = generate_batch(loaded.model, loaded.tokenizer, [prompt], GenerationSettings(max_new_tokens=5))[0]
+    assert result.stdout.strip() == expected.text
 
 
 def test_repl_commands_history_and_reset(tiny_adapter):
@@ -78,3 +84,29 @@ def test_history_is_trimmed_oldest_first(tokenizer):
         conv.answered(f"第{i}个回答：需要身份证")
     assert conv.turns[0]["content"].startswith("第4") or conv.turns[0]["content"].startswith("第3")
     assert conv.prompt_for("很长" * 200) is None  # alone it cannot fit
+
+
+class _InterruptOnFirstPiece(io.StringIO):
+    """A terminal where the user presses Ctrl-C as soon as the answer starts to appear."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+
+    def write(self, text):
+        if not self.interrupted and self.getvalue().endswith("bot> "):
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_ctrl_c_stops_the_answer_but_not_the_chat(tiny_adapter):
+    loaded = load(str(tiny_adapter))
+    inputs = iter(["说一段很长的话", "/exit"])
+    out = _InterruptOnFirstPiece()
+    settings = GenerationSettings(max_new_tokens=2000)  # far longer than the test lets it run
+    repl(loaded, settings, stream=True, max_context=4096, out=out, read=lambda _: next(inputs))
+    text = out.getvalue()
+    assert out.interrupted and "[stopped]" in text
+    answer = text.split("bot> ", 1)[1].split(" [stopped]")[0]
+    assert len(loaded.tokenizer(answer)["input_ids"]) < 1000  # stopped long before the budget

@@ -43,7 +43,8 @@ def test_training_changes_adapter_and_lowers_loss_on_a_repeated_batch(tiny_base,
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5
+    assert losses[-1] < losses[0] - 1.0
+    assert all(b < a for a, b in zip(losses, losses[1:]))  # falls at every step
     changed = [n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(p, lora_b[n])]
     assert len(changed) == len(lora_b)  # every LoRA B matrix moved
     frozen = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
