@@ -58,16 +58,20 @@ def embedded_checkpoint() -> Path:
     target = cache_dir() / EMBEDDED_NAME
     if read_manifest(target) is not None:
         return target
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(target) + ".lock")
-    if lock.is_locked:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
         log.info("another banklora process is converting the embedded model; waiting for it")
-    with lock:
-        if read_manifest(target) is not None:  # the other process finished it
-            return target
-        _convert(target)
+        lock.acquire()
+    try:
+        if read_manifest(target) is None:  # else the other process finished it meanwhile
+            _convert(target)
+    finally:
+        lock.release()
     return target
 
 

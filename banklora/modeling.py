@@ -54,7 +54,7 @@ def resolve_base(spec: str) -> BaseModelInfo:
         return BaseModelInfo(basemodel.EMBEDDED_NAME, path, basemodel.read_manifest(path)["weights_sha256"])
     path = Path(spec).expanduser()
     if not path.exists():
-        if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        if not _looks_like_hub_id(spec):
             raise UsageError(f"--base-model {spec}: no such directory, and not a hub id of the form owner/name")
         path = _download(spec)
     if not (path / "config.json").is_file():
@@ -68,6 +68,10 @@ def resolve_base(spec: str) -> BaseModelInfo:
     else:
         sha = basemodel._combine([basemodel.sha256_file(w) for w in weights])
     return BaseModelInfo(spec, path.resolve(), sha)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return not spec.startswith((".", "/", "~")) and spec.count("/") == 1
 
 
 def _download(repo_id: str) -> Path:
@@ -135,9 +139,10 @@ def load(
         meta = read_meta(adapter_dir)
         base_model = base_model or meta.get("base_model", {}).get("name") or _peft_base(adapter_dir)
     elif model_path is not None:
-        if Path(model_path).is_dir() and not (Path(model_path) / "config.json").is_file():
+        path = Path(model_path).expanduser()
+        if path.is_dir() and not (path / "config.json").is_file():
             raise UsageError(f"{model_path} is neither an adapter (no {ADAPTER_CONFIG}) nor a model directory (no config.json)")
-        if not Path(model_path).exists() and model_path.startswith((".", "/", "~", "outputs")):
+        if not path.exists() and model_path not in (basemodel.EMBEDDED_NAME, "embedded") and not _looks_like_hub_id(model_path):
             raise UsageError(f"{model_path} does not exist; train an adapter there with `banklora train --output-dir {model_path}`")
         base_model = model_path
     base = resolve_base(base_model or basemodel.EMBEDDED_NAME)

@@ -110,3 +110,15 @@ def test_ctrl_c_stops_the_answer_but_not_the_chat(tiny_adapter):
     assert out.interrupted and "[stopped]" in text
     answer = text.split("bot> ", 1)[1].split(" [stopped]")[0]
     assert len(loaded.tokenizer(answer)["input_ids"]) < 1000  # stopped long before the budget
+
+
+def test_doctor_reports_each_check(tiny_base, tmp_path):
+    ok = run_cli("doctor", "--base-model", str(tiny_base))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for check in ("python", "libraries", "device", "threads", "model", "generation"):
+        assert f" {check}" in ok.stdout
+    assert "everything is ready" in ok.stdout
+
+    broken = run_cli("doctor", "--base-model", str(tmp_path / "missing"))
+    assert broken.returncode != 0
+    assert "FAIL" in broken.stdout and "no such directory" in broken.stdout
