@@ -58,6 +58,10 @@ class TrainSettings:
     """auto = float32 on CPU, bfloat16 on CUDA where supported."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (for quick checks); None = run all epochs."""
+    strict: bool = False
+    """Fail instead of dropping duplicates and over-long examples."""
+    redact: bool = False
+    """Mask personal data (ID, card and mobile numbers, e-mail) instead of refusing to train."""
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 import banklora
 from banklora.config import TrainSettings
-from banklora.data.dataset import Example, dataset_hash, load_examples
-from banklora.data.format import IGNORE_INDEX, Encoded, encode_example
+from banklora.data.dataset import dataset_hash, load_examples
+from banklora.data.format import IGNORE_INDEX, Encoded
+from banklora.data.prepare import prepare
 from banklora.errors import BankloraError, UsageError
 from banklora.modeling import load, save_adapter
 
@@ -62,24 +63,6 @@ def setup_lora(model, settings: TrainSettings):
     return get_peft_model(model, config)
 
 
-def encode_dataset(examples: list[Example], tokenizer, max_length: int) -> tuple[list[Encoded], int]:
-    """Encode every example; drop (and count) those longer than max_length tokens.
-
-    Truncating instead would cut the answer's <end_of_turn> and teach the model not to stop.
-    """
-    encoded, dropped = [], 0
-    for example in examples:
-        enc = encode_example(tokenizer, example.instruction, example.output, example.input)
-        if len(enc) > max_length:
-            dropped += 1
-            log.warning("%s: %d tokens exceeds --max-length %d; example skipped", example.source, len(enc), max_length)
-            continue
-        encoded.append(enc)
-    if not encoded:
-        raise UsageError(f"every example is longer than --max-length {max_length}; raise --max-length")
-    return encoded, dropped
-
-
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T)."""
     width = max(len(e) for e in batch)
@@ -116,6 +99,19 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, targets[keep])
 
 
+@torch.no_grad()
+def validation_loss(model, encoded: list[Encoded], batch_size: int, pad_id: int, device) -> float:
+    """Mean answer-token loss over the validation examples (dropout off)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[i : i + batch_size], pad_id).items()}
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += answer_loss(model, batch).item() * n
+        count += n
+    return total / max(1, count)
+
+
 # ---------------------------------------------------------------------------------------------
 # fit
 
@@ -146,7 +142,12 @@ def train(settings: TrainSettings, show_progress: bool = True) -> TrainResult:
     examples = load_examples(settings.data)
     loaded = load(settings.base_model, dtype=settings.dtype, training=True)
     tokenizer = loaded.tokenizer
-    encoded, dropped = encode_dataset(examples, tokenizer, settings.max_length)
+    data = prepare(examples, tokenizer, settings.max_length, strict=settings.strict, redact=settings.redact)
+    _, encoded = data.split("train")
+    _, validation = data.split("validation")
+    if not encoded:
+        raise UsageError(f"no training examples left in {', '.join(settings.data)} ({data.summary()}); check the split fields and --max-length")
+    log.info("data: %s", data.summary())
     model = setup_lora(loaded.model, settings)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -157,13 +158,14 @@ def train(settings: TrainSettings, show_progress: bool = True) -> TrainResult:
     warmup = settings.warmup_for(total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, warmup, total))
     log.info(
-        "training %s LoRA parameters on %d examples (%d dropped) for %d steps (warmup %d) on %s/%s",
-        f"{n_trainable:,}", len(encoded), dropped, total, warmup, loaded.device, str(loaded.dtype).removeprefix("torch."),
+        "training %s LoRA parameters on %d examples for %d steps (warmup %d) on %s/%s",
+        f"{n_trainable:,}", len(encoded), total, warmup, loaded.device, str(loaded.dtype).removeprefix("torch."),
     )
 
     # 2) fit
     rng = random.Random(settings.seed)
     losses: list[float] = []
+    val_losses: list[dict] = []
     tokens, fit_start = 0, time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
@@ -188,19 +190,24 @@ def train(settings: TrainSettings, show_progress: bool = True) -> TrainResult:
                 losses.append(round(loss.item(), 6))
                 rate = tokens / (time.perf_counter() - fit_start)
                 progress.update(task, advance=1, stats=f"loss {losses[-1]:.4f}  {rate:,.0f} tok/s")
+                if validation and (step % steps_per_epoch == 0 or step == total):
+                    val = validation_loss(model, validation, settings.batch_size, pad_id, loaded.device)
+                    val_losses.append({"step": step, "loss": round(val, 6)})
+                    progress.console.log(f"step {step}: validation loss {val:.4f}")
+                    model.train()
     fit_seconds = time.perf_counter() - fit_start
 
     # 3) save
     model.eval()
     wall = time.perf_counter() - start
     model.peft_config["default"].base_model_name_or_path = str(loaded.base.path)
-    meta = _metadata(settings, loaded, examples, len(encoded), dropped, losses, total, warmup, n_trainable, wall, tokens / fit_seconds)
+    meta = _metadata(settings, loaded, examples, data, losses, val_losses, total, warmup, n_trainable, wall, tokens / fit_seconds)
     output = save_adapter(model, tokenizer, Path(settings.output_dir), meta)
     log.info("adapter saved to %s (loss %.4f -> %.4f, %.0f s)", output, losses[0], losses[-1], wall)
     return TrainResult(output, losses, wall, tokens / fit_seconds, meta)
 
 
-def _metadata(settings, loaded, examples, n_used, dropped, losses, total, warmup, n_trainable, wall, rate) -> dict:
+def _metadata(settings, loaded, examples, data, losses, val_losses, total, warmup, n_trainable, wall, rate) -> dict:
     import accelerate
     import peft
     import transformers
@@ -218,10 +225,12 @@ def _metadata(settings, loaded, examples, n_used, dropped, losses, total, warmup
             "sources": list(settings.data),
             "sha256": dataset_hash(examples),
             "examples": len(examples),
-            "examples_used": n_used,
-            "dropped_over_max_length": dropped,
+            "used_per_split": {name: len(data.split(name)[0]) for name in ("train", "validation", "test")},
+            "dropped": dict(data.dropped),
+            "personal_data_masked": data.pii_redacted,
             "categories": categories,
         },
+        "validation_loss": val_losses,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "loss_per_step": losses,

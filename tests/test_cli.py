@@ -122,3 +122,32 @@ def test_doctor_reports_each_check(tiny_base, tmp_path):
     broken = run_cli("doctor", "--base-model", str(tmp_path / "missing"))
     assert broken.returncode != 0
     assert "FAIL" in broken.stdout and "no such directory" in broken.stdout
+
+
+def test_data_tools_stats_check_augment_export(tmp_path):
+    plot = tmp_path / "stats.png"
+    stats = run_cli("data", "stats", "--plot", str(plot))
+    assert stats.returncode == 0, stats.stderr
+    assert "360 examples" in stats.stdout and "p50" in stats.stdout and "12 categories" in stats.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    augmented = tmp_path / "augmented.jsonl"
+    assert run_cli("data", "augment", "--output", str(augmented)).returncode == 0
+    rows = [json.loads(line) for line in augmented.read_text().splitlines()]
+    assert len(rows) > 360 and sum(r["id"].endswith("-aug1") for r in rows) == sum(r["split"] == "train" for r in rows[:360])
+    check = run_cli("data", "check", "--data", str(augmented))
+    assert check.returncode == 0 and "no leakage" in check.stdout
+
+    leaky = tmp_path / "leaky.jsonl"
+    leaky.write_text(json.dumps({"instruction": "信用卡逾期了会有什么后果？", "output": "x", "split": "test"}, ensure_ascii=False) + "\n")
+    leak = run_cli("data", "check", "--data", "banking", "--data", str(leaky))
+    assert leak.returncode == 1 and "LEAK" in leak.stdout and "near-copies" in leak.stderr
+
+    pii = tmp_path / "pii.jsonl"
+    pii.write_text(json.dumps({"instruction": "我的卡号4111111111111111被冻结了", "output": "请携带身份证到网点处理。"}, ensure_ascii=False) + "\n")
+    refused = run_cli("train", "--data", str(pii), "--output-dir", str(tmp_path / "never"))
+    assert refused.returncode == 2 and f"{pii}:1: field 'instruction': bank_card" in refused.stderr
+    assert not (tmp_path / "never").exists()
+    exported = tmp_path / "clean.jsonl"
+    assert run_cli("data", "export", "--data", str(pii), "--redact", "--output", str(exported)).returncode == 0
+    assert json.loads(exported.read_text())["instruction"] == "我的卡号[银行卡号]被冻结了"

@@ -13,7 +13,7 @@ WARNING = "理财非存款，产品有风险，投资须谨慎"
 
 
 def test_builtin_seed_has_16_pairs_in_7_categories():
-    examples = load_examples(["banking"])
+    examples = load_examples(["banking-seed"])
     assert Counter(e.category for e in examples) == SEED_COUNTS
     assert len({e.id for e in examples}) == 16
     for e in examples:
@@ -27,7 +27,7 @@ def test_eval_set_has_one_question_per_category_plus_one():
     questions = load_examples(["banking-eval"])
     assert len(questions) == 8
     assert set(Counter(q.category for q in questions)) == set(SEED_COUNTS)
-    seed_questions = {e.instruction for e in load_examples(["banking"])}
+    seed_questions = {e.instruction for e in load_examples(["banking-seed"])}
     assert not seed_questions & {q.instruction for q in questions}
 
 
@@ -35,10 +35,10 @@ def test_user_file_replaces_or_extends(tmp_path):
     path = tmp_path / "faq.jsonl"
     path.write_text(json.dumps({"instruction": "问", "output": "答", "category": "测试"}, ensure_ascii=False) + "\n")
     assert [e.instruction for e in load_examples([str(path)])] == ["问"]
-    both = load_examples(["banking", str(path)])
+    both = load_examples(["banking-seed", str(path)])
     assert len(both) == 17 and both[-1].source == f"{path}:1"
     assert dataset_hash(both) != dataset_hash(both[:-1])
-    assert dataset_hash(load_examples(["banking"])) == dataset_hash(load_examples(["banking"]))
+    assert dataset_hash(load_examples(["banking-seed"])) == dataset_hash(load_examples(["banking-seed"]))
 
 
 @pytest.mark.parametrize(
@@ -66,5 +66,62 @@ def test_bad_data_names_file_line_and_field(tmp_path, name, content, expected):
 
 
 def test_missing_file_says_what_to_do(tmp_path):
-    with pytest.raises(UsageError, match="does not exist; pass a JSON or JSONL file, or a built-in set"):
+    with pytest.raises(UsageError, match="does not exist; pass a JSON, JSONL, CSV or TSV file, a built-in set"):
         load_examples([str(tmp_path / "nope.json")])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("faq.csv", "instruction,input,output\n问一,,答一\n问二,背景,\n", "faq.csv:3: field 'output' is empty"),
+        ("faq.tsv", "question\toutput\n问\t答\n", "faq.tsv:1: header lacks column(s) ['instruction']"),
+        ("wide.csv", "instruction,output\n问,答,多余\n", "wide.csv:2: more fields than the header"),
+        ("chat.jsonl", '{"messages": [{"role": "user", "content": "问"}, {"role": "user", "content": "又问"}]}\n', "chat.jsonl:1: field 'messages[1].role' is 'user'; expected 'assistant'"),
+        ("chat2.jsonl", '{"messages": [{"role": "user", "content": "问"}]}\n', "chat2.jsonl:1: field 'messages' must end with an assistant turn"),
+        ("chat3.jsonl", '{"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}, {"role": "system", "content": "x"}]}\n', "messages[2]': a system message may only come first"),
+        ("split.jsonl", '{"instruction": "a", "output": "b", "split": "dev"}\n', "split.jsonl:1: field 'split' must be one of train, validation, test"),
+    ],
+)
+def test_bad_csv_and_chat_data_names_file_line_and_field(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(UsageError) as err:
+        load_examples([str(path)])
+    assert expected in str(err.value)
+
+
+def test_csv_tsv_and_chat_records_load(tmp_path):
+    csv_path = tmp_path / "faq.csv"
+    csv_path.write_text('instruction,input,output,category,keywords\n"开户要带什么？",,"带身份证, 到网点办理。",账户管理,身份证|网点\n')
+    (e,) = load_examples([str(csv_path)])
+    assert (e.instruction, e.output, e.category, e.keywords, e.source) == ("开户要带什么？", "带身份证, 到网点办理。", "账户管理", ("身份证", "网点"), f"{csv_path}:2")
+    tsv_path = tmp_path / "faq.tsv"
+    tsv_path.write_text("instruction\tinput\toutput\n问\t背景\t答\n")
+    assert load_examples([str(tsv_path)])[0].prompt == "问\n\n背景"
+
+    chat = tmp_path / "chat.jsonl"
+    messages = [{"role": "system", "content": "你是银行客服。"}, {"role": "user", "content": "问一"},
+                {"role": "assistant", "content": "答一"}, {"role": "user", "content": "问二"}, {"role": "assistant", "content": "答二"}]
+    chat.write_text(json.dumps({"messages": messages, "category": "测试"}, ensure_ascii=False) + "\n")
+    (c,) = load_examples([str(chat)])
+    assert c.conversation() == [{"role": "user", "content": "你是银行客服。\n\n问一"}, {"role": "assistant", "content": "答一"},
+                                {"role": "user", "content": "问二"}, {"role": "assistant", "content": "答二"}]
+    assert (c.instruction, c.output, c.category) == ("你是银行客服。\n\n问一", "答二", "测试")
+
+
+def test_named_datasets_from_the_registry(tmp_path, monkeypatch):
+    from banklora.data.dataset import read_registry, register_dataset
+
+    registry = tmp_path / "team" / "banklora_datasets.yaml"
+    registry.parent.mkdir()
+    monkeypatch.setenv("BANKLORA_REGISTRY", str(registry))
+    data = tmp_path / "faq.jsonl"
+    data.write_text(json.dumps({"instruction": "问", "output": "答"}, ensure_ascii=False) + "\n")
+    register_dataset("my_faq", data, "team FAQ")
+    assert read_registry()["my_faq"]["path"] == str(data.resolve())
+    assert "../faq.jsonl" in registry.read_text()  # stored relative, so the team can share the file
+    assert [e.instruction for e in load_examples(["banking-seed", "my_faq"])][-1] == "问"
+    with pytest.raises(UsageError, match="built-in dataset name"):
+        register_dataset("banking", data)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_examples(["not_registered"])

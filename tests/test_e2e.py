@@ -7,6 +7,7 @@ import torch
 from conftest import run_cli
 
 from banklora.config import GenerationSettings, TrainSettings
+from banklora.data.dataset import load_examples
 from banklora.data.format import encode_prompt
 from banklora.evaluation.compare import run_compare
 from banklora.generate import generate_batch
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, embedded_dir):
     out = tmp_path_factory.mktemp("e2e") / "lora_banking"
-    result = train(TrainSettings(output_dir=str(out), max_steps=2, batch_size=2, lr=1e-3, max_length=256), show_progress=False)
+    settings = TrainSettings(data=("banking-seed",), output_dir=str(out), max_steps=2, batch_size=2, lr=1e-3, max_length=256)
+    result = train(settings, show_progress=False)
     assert len(result.losses) == 2 and all(l > 0 for l in result.losses)
     return out
 
@@ -44,10 +46,13 @@ def test_reload_compare_and_base_answers_match_the_plain_base(adapter):
 
 def test_compare_and_chat_through_the_cli(adapter):
     report = adapter.parent / "report.json"
-    result = run_cli("compare", "--peft-model-path", str(adapter), "--limit", "2", "--max-new-tokens", "8", "--report", str(report))
+    result = run_cli("compare", "--peft-model-path", str(adapter), "--split", "test", "--limit", "2", "--max-new-tokens", "8", "--report", str(report))
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
     assert len(data["results"]) == 2 and "keyword match" in result.stdout
+    assert data["split"] == "test" and data["questions_source"] == ["banking"]
+    test_ids = {e.id for e in load_examples(["banking"], split="test")}
+    assert {r["id"] for r in data["results"]} <= test_ids
     chat = run_cli("chat", "--model-path", str(adapter), "--prompt", "如何开立银行账户？", "--max-new-tokens", "8", "--temperature", "0")
     assert chat.returncode == 0, chat.stderr
     assert len(chat.stdout.strip()) > 0

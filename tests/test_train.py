@@ -9,12 +9,12 @@ from banklora.config import TrainSettings
 from banklora.data.dataset import load_examples
 from banklora.errors import BankloraError, UsageError
 from banklora.modeling import META_FILE, load, save_adapter
-from banklora.train import answer_loss, collate, encode_dataset, setup_lora, train
+from banklora.data.prepare import prepare
+from banklora.train import answer_loss, collate, setup_lora, train
 
 
 def _batch(tokenizer, n=4):
-    encoded, _ = encode_dataset(load_examples(["banking"])[:n], tokenizer, 512)
-    return collate(encoded, pad_id=0)
+    return collate(prepare(load_examples(["banking-seed"])[:n], tokenizer, 512).encoded, pad_id=0)
 
 
 def test_answer_only_logits_equal_the_full_loss(tiny_base, tokenizer):
@@ -77,7 +77,9 @@ def test_metadata_records_base_data_settings_and_losses(tiny_adapter, tiny_base)
     assert meta["lora"] == {"r": 8, "alpha": 32, "dropout": 0.1, "bias": "none",
                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     assert meta["training"]["steps"] == 3 and len(meta["loss_per_step"]) == 3
-    assert meta["dataset"]["examples"] == 16 and len(meta["dataset"]["sha256"]) == 64
+    assert meta["dataset"]["examples"] == 360 and len(meta["dataset"]["sha256"]) == 64
+    assert meta["dataset"]["used_per_split"] == {"train": 240, "validation": 48, "test": 72}
+    assert len(meta["validation_loss"]) == 1  # the run ended inside its first epoch
     assert meta["wall_time_seconds"] > 0
     assert {"torch", "transformers", "peft", "python"} <= set(meta["versions"])
 
@@ -119,3 +121,18 @@ def test_train_then_train_again_replaces_atomically(tiny_base, tmp_path):
     meta = json.loads((out / META_FILE).read_text())
     assert meta["training"]["seed"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_train_split_trains_and_validation_split_is_scored_each_epoch(tiny_base, tmp_path):
+    records = [{"instruction": f"问题{i}", "output": f"回答{i}，请以银行最新公告为准。", "split": "train"} for i in range(6)]
+    records += [{"instruction": f"验证问题{i}", "output": f"验证回答{i}", "split": "validation"} for i in range(2)]
+    records += [{"instruction": "测试问题", "output": "测试回答", "split": "test"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    out = tmp_path / "adapter"
+    train(TrainSettings(base_model=str(tiny_base), data=(str(data),), output_dir=str(out), epochs=2, batch_size=3, lr=1e-2), show_progress=False)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["dataset"]["used_per_split"] == {"train": 6, "validation": 2, "test": 1}
+    assert len(meta["loss_per_step"]) == 4  # 6 train examples / batch 3 x 2 epochs: test never trained on
+    assert [v["step"] for v in meta["validation_loss"]] == [2, 4]
+    assert all(v["loss"] > 0 for v in meta["validation_loss"])

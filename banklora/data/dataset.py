@@ -1,15 +1,20 @@
-"""Banking Q&A examples: the schema, the built-in sets, and loading with validation.
+"""Banking Q&A examples: the schema, the built-in sets, named datasets, and loading with validation.
 
-A data file is JSON (a list of records, or {"examples": [...]}) or JSONL (one record a line).
-A record: {"instruction": str, "input": str (optional), "output": str, "category": str
-(optional), "keywords": [str] (optional), "id": str (optional), "language": str (optional)}.
-Every problem is reported as file:line, field, and what to do.
+Sources (`--data`, repeatable): a built-in name, a name registered in banklora_datasets.yaml, or
+a file. Files: alpaca-style JSON (a list, or {"examples": [...]}) or JSONL records
+{"instruction", "input"?, "output", "category"?, "keywords"?, "id"?, "language"?, "split"?};
+chat-style JSONL records {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]};
+CSV / TSV with instruction,input,output columns (keywords separated by "|").
+Every problem is reported as file:line, field, and what to do. The standard library's json and
+csv readers are used directly: they keep the line numbers those messages need.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -19,10 +24,14 @@ from banklora.data.format import user_text
 from banklora.errors import UsageError
 
 BUILTIN = {
-    "banking": "banking_seed.json",  # the 16 training pairs
-    "banking-eval": "banking_eval.json",  # the 8 comparison questions with keywords
+    "banking": "banking.jsonl",  # the curated set: 360 pairs, 12 categories, zh + en, fixed splits
+    "banking-seed": "banking_seed.json",  # the seed's 16 pairs (quickstart)
+    "banking-eval": "banking_eval.json",  # the seed's 8 comparison questions with keywords
 }
-_TEXT_FIELDS = ("instruction", "input", "output", "category", "id", "language")
+SPLITS = ("train", "validation", "test")
+REGISTRY_ENV = "BANKLORA_REGISTRY"
+REGISTRY_FILE = "banklora_datasets.yaml"  # in the working directory, shared by a team in its repo
+_TEXT_FIELDS = ("instruction", "input", "output", "category", "id", "language", "split", "as_of")
 
 
 @dataclass(frozen=True)
@@ -34,17 +43,27 @@ class Example:
     keywords: tuple[str, ...] = ()
     id: str = ""
     language: str = "zh"
+    split: str = "train"
+    as_of: str = ""
+    messages: tuple[tuple[str, str], ...] = ()  # chat-style records: (role, content) turns
     source: str = field(default="", compare=False)  # "file:line", for messages
 
     @property
     def prompt(self) -> str:
-        """The user turn as the model sees it."""
+        """The (first) user turn as the model sees it."""
         return user_text(self.instruction, self.input)
 
+    def conversation(self) -> list[dict]:
+        """The example as chat messages: what the formatter encodes for training."""
+        if self.messages:
+            return [{"role": role, "content": content} for role, content in self.messages]
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.output}]
+
     def to_record(self) -> dict:
-        record = asdict(self)
+        record = {k: v for k, v in asdict(self).items() if k not in ("source", "messages")}
         record["keywords"] = list(self.keywords)
-        del record["source"]
+        if self.messages:
+            record["messages"] = self.conversation()
         return record
 
 
@@ -52,13 +71,66 @@ def builtin_path(name: str) -> Path:
     return Path(str(files("banklora.data").joinpath(BUILTIN[name])))
 
 
-def load_examples(specs: Sequence[str]) -> list[Example]:
-    """Load and concatenate data sources: a built-in name ("banking") or a JSON/JSONL file."""
+# ------------------------------------------------------------------------------- named datasets
+def registry_path() -> Path:
+    return Path(os.environ.get(REGISTRY_ENV) or REGISTRY_FILE)
+
+
+def read_registry(path: Path | None = None) -> dict[str, dict]:
+    """Named datasets: {name: {"path": ..., "description": ...}}; paths relative to the file."""
+    import yaml
+
+    path = path or registry_path()
+    if not path.is_file():
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({exc}); fix or remove the dataset registry") from exc
+    entries = doc.get("datasets", {}) if isinstance(doc, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) and "path" in v for v in entries.values()):
+        raise UsageError(f'{path}: expected "datasets:" mapping names to {{path: FILE}} entries')
+    return {name: dict(entry, path=str((path.parent / entry["path"]).resolve())) for name, entry in entries.items()}
+
+
+def register_dataset(name: str, data_path: Path, description: str = "", registry: Path | None = None) -> Path:
+    """Add (or replace) a named dataset in the registry file; the file must load first."""
+    import yaml
+
+    registry = registry or registry_path()
+    if name in BUILTIN:
+        raise UsageError(f"{name} is a built-in dataset name; choose another")
+    load_file(data_path)  # refuse to register a file that does not load
+    doc = yaml.safe_load(registry.read_text(encoding="utf-8")) if registry.is_file() else None
+    doc = doc or {}
+    doc.setdefault("datasets", {})[name] = {"path": os.path.relpath(data_path.resolve(), registry.resolve().parent), "description": description}
+    from banklora.modeling import atomic_write_text
+
+    atomic_write_text(registry, yaml.safe_dump(doc, allow_unicode=True, sort_keys=True))
+    return registry
+
+
+# ------------------------------------------------------------------------------- loading
+def load_examples(specs: Sequence[str], split: str | None = None) -> list[Example]:
+    """Load and concatenate sources: built-in names, registered names, or files; optionally one split."""
     if not specs:
         raise UsageError("no data given: pass --data banking (built-in) or --data FILE.jsonl")
+    registry = None
     examples: list[Example] = []
     for spec in specs:
-        examples += load_file(builtin_path(spec) if spec in BUILTIN else Path(spec), shown=spec)
+        if spec in BUILTIN:
+            examples += load_file(builtin_path(spec), shown=spec)
+            continue
+        if not Path(spec).exists():
+            registry = read_registry() if registry is None else registry
+            if spec in registry:
+                examples += load_file(Path(registry[spec]["path"]))
+                continue
+        examples += load_file(Path(spec), shown=spec)
+    if split is not None:
+        if split not in SPLITS:
+            raise UsageError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
+        examples = [e for e in examples if e.split == split]
     return examples
 
 
@@ -66,12 +138,18 @@ def load_file(path: Path, shown: str | None = None) -> list[Example]:
     shown = shown or str(path)
     if not path.is_file():
         names = ", ".join(BUILTIN)
-        raise UsageError(f"data file {shown} does not exist; pass a JSON or JSONL file, or a built-in set ({names})")
+        raise UsageError(f"data file {shown} does not exist; pass a JSON, JSONL, CSV or TSV file, a built-in set ({names}), or a name from {registry_path()}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"{shown}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from exc
-    records = _jsonl_records(text, shown) if path.suffix.lower() == ".jsonl" else _json_records(text, shown)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _jsonl_records(text, shown)
+    elif suffix in (".csv", ".tsv"):
+        records = _csv_records(text, shown, "\t" if suffix == ".tsv" else ",")
+    else:
+        records = _json_records(text, shown)
     examples = [_to_example(record, f"{shown}:{line}") for line, record in records]
     if not examples:
         raise UsageError(f"{shown} holds no examples; add records with instruction and output fields")
@@ -114,31 +192,92 @@ def _json_records(text: str, shown: str) -> list[tuple[int, object]]:
     return records
 
 
+def _csv_records(text: str, shown: str, delimiter: str) -> list[tuple[int, object]]:
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    columns = reader.fieldnames or []
+    missing = [c for c in ("instruction", "output") if c not in columns]
+    if missing:
+        raise UsageError(f"{shown}:1: header lacks column(s) {missing}; the first row must name instruction,input,output")
+    records = []
+    for row in reader:
+        if None in row:
+            raise UsageError(f"{shown}:{reader.line_num}: more fields than the header has columns; quote fields that contain '{delimiter}'")
+        record = {k: v for k, v in row.items() if v not in (None, "")}
+        if "keywords" in record:
+            record["keywords"] = [k.strip() for k in record["keywords"].split("|") if k.strip()]
+        record.setdefault("output", "")
+        record.setdefault("instruction", "")
+        records.append((reader.line_num, record))
+    return records
+
+
 def _to_example(record: object, where: str) -> Example:
     if not isinstance(record, dict):
         raise UsageError(f"{where}: expected an object with instruction and output fields, got {type(record).__name__}")
+    if "messages" in record:
+        return _chat_example(record, where)
     for name in ("instruction", "output"):
         if name not in record:
-            raise UsageError(f"{where}: field '{name}' is missing; every example needs instruction and output")
+            raise UsageError(f"{where}: field '{name}' is missing; every example needs instruction and output (or messages)")
+    _check_text_fields(record, where)
+    for name in ("instruction", "output"):
+        if not record[name].strip():
+            raise UsageError(f"{where}: field '{name}' is empty; write the {'question' if name == 'instruction' else 'answer'} or remove the record")
+    return _example(record, where, instruction=record["instruction"], output=record["output"])
+
+
+def _chat_example(record: dict, where: str) -> Example:
+    """A chat-style record: system text joins the first user turn; every assistant turn is trained."""
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise UsageError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    turns: list[tuple[str, str]] = []
+    system = ""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
+            raise UsageError(f"{where}: field 'messages[{i}]' must be {{\"role\": system|user|assistant, \"content\": string}}")
+        if not m["content"].strip():
+            raise UsageError(f"{where}: field 'messages[{i}].content' is empty")
+        if m["role"] == "system":
+            if i != 0:
+                raise UsageError(f"{where}: field 'messages[{i}]': a system message may only come first")
+            system = m["content"].strip()
+            continue
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise UsageError(f"{where}: field 'messages[{i}].role' is {m['role']!r}; expected {expected!r} (turns alternate, user first)")
+        turns.append((m["role"], m["content"].strip()))
+    if not turns or turns[-1][0] != "assistant":
+        raise UsageError(f"{where}: field 'messages' must end with an assistant turn (the answer to learn)")
+    if system:
+        turns[0] = ("user", f"{system}\n\n{turns[0][1]}")
+    _check_text_fields(record, where)
+    return _example(record, where, instruction=turns[0][1], output=turns[-1][1], messages=tuple(turns))
+
+
+def _check_text_fields(record: dict, where: str) -> None:
     for name in _TEXT_FIELDS:
         value = record.get(name)
         if value is not None and not isinstance(value, str):
             raise UsageError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-    for name in ("instruction", "output"):
-        if not record[name].strip():
-            raise UsageError(f"{where}: field '{name}' is empty; write the {'question' if name == 'instruction' else 'answer'} or remove the record")
+    if record.get("split", "train") not in SPLITS:
+        raise UsageError(f"{where}: field 'split' must be one of {', '.join(SPLITS)} (got {record['split']!r})")
     keywords = record.get("keywords") or []
     if not isinstance(keywords, list) or not all(isinstance(k, str) and k.strip() for k in keywords):
         raise UsageError(f"{where}: field 'keywords' must be a list of non-empty strings")
+
+
+def _example(record: dict, where: str, **fields) -> Example:
     return Example(
-        instruction=record["instruction"],
-        output=record["output"],
         input=record.get("input") or "",
         category=record.get("category") or "general",
-        keywords=tuple(k.strip() for k in keywords),
+        keywords=tuple(k.strip() for k in record.get("keywords") or []),
         id=record.get("id") or "",
         language=record.get("language") or "zh",
+        split=record.get("split") or "train",
+        as_of=record.get("as_of") or "",
         source=where,
+        **fields,
     )
 
 
@@ -146,3 +285,11 @@ def dataset_hash(examples: Iterable[Example]) -> str:
     """sha256 of the examples' content, independent of file layout."""
     payload = json.dumps([e.to_record() for e in examples], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def write_jsonl(examples: Iterable[Example], path: Path) -> Path:
+    """Write examples as JSONL, atomically."""
+    from banklora.modeling import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(e.to_record(), ensure_ascii=False) + "\n" for e in examples))
+    return path

@@ -78,6 +78,7 @@ def run_compare(
     peft_model_path: str,
     *,
     questions: list[str] = ("banking-eval",),
+    split: str | None = None,
     settings: GenerationSettings | None = None,
     batch_size: int = 8,
     limit: int | None = None,
@@ -92,7 +93,9 @@ def run_compare(
         if not is_adapter_dir(peft_model_path):
             raise UsageError(f"--peft-model-path {peft_model_path} is not a LoRA adapter directory (no adapter_config.json)")
         loaded = load(peft_model_path, base_model=base_model)
-    examples = load_examples(list(questions))[:limit]
+    examples = load_examples(list(questions), split=split)[:limit]
+    if not examples:
+        raise UsageError(f"no questions in {', '.join(questions)}" + (f" with split {split}" if split else ""))
     prompts = [encode_prompt(loaded.tokenizer, e.instruction, e.input) for e in examples]
     model = loaded.model
     with model.disable_adapter():
@@ -118,6 +121,7 @@ def run_compare(
         "adapter": str(loaded.adapter_path),
         "base_model": {"name": loaded.base.name, "sha256": loaded.base.sha256},
         "questions_source": list(questions),
+        "split": split,
         "generation": asdict(settings) | {"greedy": settings.temperature == 0, "batch_size": batch_size},
         "device": str(loaded.device),
         "metrics": {"overall": "0.6 x keyword_match + 0.4 x completeness", "completeness": "mean of length, finished, structure, variety"},

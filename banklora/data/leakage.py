@@ -1,0 +1,52 @@
+"""Leakage check: held-out questions must not be near-copies of training questions.
+
+Each question (instruction + input) is case folded and cut into tokens, a Chinese character or
+a Latin word each (punctuation and spaces dropped), then into token 3-grams: character 3-grams
+for Chinese, word 3-grams for English. A held-out question's overlap with a training question is
+the share of its 3-grams that the training question also has (containment, 0..1); a pair at or
+above THRESHOLD (0.35) counts as a leak. Measured on the built-in set: a reworded copy of a
+training question ("卡里突然收到一笔陌生人转来的钱…" asked again as "我的账户莫名收到一笔陌生人的
+钱…") scores 0.39, while distinct questions in the same category stay under 0.30.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from banklora.data.dataset import Example
+
+N = 3
+THRESHOLD = 0.35
+_TOKEN = re.compile(r"[\u3400-\u9fff]|[^\W_]+", re.UNICODE)  # a CJK character, or a word
+
+
+def grams(text: str, n: int = N) -> set[tuple[str, ...]]:
+    tokens = _TOKEN.findall(text.casefold())
+    return {tuple(tokens[i : i + n]) for i in range(max(1, len(tokens) - n + 1))} if tokens else set()
+
+
+def containment(held_out: set, train: set) -> float:
+    return len(held_out & train) / len(held_out) if held_out else 0.0
+
+
+@dataclass
+class Nearest:
+    held_out: Example
+    train: Example | None
+    overlap: float
+
+
+def nearest_training_questions(train: list[Example], held_out: list[Example]) -> list[Nearest]:
+    """For each held-out example, its most similar training question and their overlap."""
+    train_grams = [(e, grams(e.prompt)) for e in train]
+    result = []
+    for h in held_out:
+        g = grams(h.prompt)
+        best = max(((containment(g, tg), e) for e, tg in train_grams), key=lambda x: x[0], default=(0.0, None))
+        result.append(Nearest(h, best[1], best[0]))
+    return result
+
+
+def leaks(nearest: list[Nearest], threshold: float = THRESHOLD) -> list[Nearest]:
+    return [n for n in nearest if n.overlap >= threshold]

@@ -1,0 +1,94 @@
+"""The curated built-in dataset: size, coverage, record quality, splits without leakage."""
+
+import re
+from collections import Counter
+
+import pytest
+
+from banklora.data import privacy
+from banklora.data.augment import augment
+from banklora.data.dataset import Example, load_examples
+from banklora.data.leakage import THRESHOLD, leaks, nearest_training_questions
+
+WARNING = "理财非存款，产品有风险，投资须谨慎"
+
+
+@pytest.fixture(scope="module")
+def banking():
+    return load_examples(["banking"])
+
+
+def test_size_languages_and_categories(banking):
+    zh = [e for e in banking if e.language == "zh"]
+    en = [e for e in banking if e.language == "en"]
+    assert len(zh) >= 300 and len(en) >= 60
+    per_category = Counter(e.category for e in banking)
+    assert len(per_category) >= 10 and min(per_category.values()) >= 20
+    assert set(Counter(e.category for e in en)) == set(per_category)  # English covers every category
+
+
+def test_seed_pairs_are_included(banking):
+    seed = load_examples(["banking-seed"])
+    by_id = {e.id: e for e in banking}
+    for s in seed:
+        assert by_id[s.id].output == s.output and by_id[s.id].split == "train"
+
+
+def test_records_are_complete_and_careful(banking):
+    assert len({e.id for e in banking}) == len(banking)
+    for e in banking:
+        assert e.id and e.category and e.language in ("zh", "en"), e.id
+        assert 3 <= len(e.keywords) <= 6 and all(k in e.output for k in e.keywords), e.id
+        assert 80 <= len(e.output) <= 400, e.id
+        assert "http" not in e.output and not re.search(r"\d{7,}", e.output), e.id  # no URLs or phone numbers
+        if re.search(r"5万美元|50万元|20万元|USD 50,000|RMB 500,000", e.output):
+            assert e.as_of, f"{e.id} states a regulatory figure without an as-of date"
+        if e.category == "理财产品" and re.search(r"购买|选择|买", e.instruction + e.input):
+            assert WARNING in e.output, e.id
+        assert not re.search(r"保本保收益|稳赚不赔", e.output.replace("“", "").replace("”", "")) or "不" in e.output, e.id
+
+
+def test_fixed_splits(banking):
+    splits = Counter(e.split for e in banking)
+    assert splits["validation"] >= 30 and splits["test"] >= 60
+    test_per_category = Counter(e.category for e in banking if e.split == "test")
+    assert min(test_per_category.values()) >= 5 and len(test_per_category) == len({e.category for e in banking})
+
+
+def test_no_held_out_question_is_a_near_copy_of_a_training_question(banking):
+    train = [e for e in banking if e.split == "train"]
+    held_out = [e for e in banking if e.split != "train"]
+    nearest = nearest_training_questions(train, held_out)
+    assert leaks(nearest) == []
+    assert max(n.overlap for n in nearest) < THRESHOLD
+
+
+def test_leakage_check_catches_planted_copies(banking):
+    train = [e for e in banking if e.split == "train"]
+    source = train[5]
+    planted = [
+        Example(instruction=source.instruction, output="x", split="test"),  # exact copy
+        Example(instruction="请问，" + source.instruction + "谢谢", output="x", split="test"),  # wrapped copy
+        Example(instruction="卡里突然收到陌生人转来的一笔钱，对方打电话说转错了让我退回，怎么办？", output="x", split="test"),  # reworded
+    ]
+    found = leaks(nearest_training_questions(train, planted))
+    assert len(found) == 3
+
+
+def test_augmentation_varies_only_training_questions_and_stays_clean(banking):
+    augmented = augment(banking, count=2)
+    added = augmented[len(banking):]
+    assert len(added) >= len([e for e in banking if e.split == "train"])  # at least one variant each
+    assert all(e.split == "train" and e.id.endswith(("-aug1", "-aug2")) for e in added)
+    assert augment(banking, count=2) == augmented  # deterministic
+    by_id = {e.id: e for e in banking}
+    for e in added[:50]:
+        source = by_id[e.id.rsplit("-aug", 1)[0]]
+        assert e.output == source.output and e.instruction != source.instruction
+    train = [e for e in augmented if e.split == "train"]
+    held_out = [e for e in augmented if e.split != "train"]
+    assert leaks(nearest_training_questions(train, held_out)) == []
+
+
+def test_no_personal_data_alarm_on_the_builtin_set(banking):
+    assert privacy.scan(banking) == []
