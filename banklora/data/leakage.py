@@ -4,9 +4,10 @@ Each question (instruction + input) is case folded and cut into tokens, a Chines
 a Latin word each (punctuation and spaces dropped), then into token 3-grams: character 3-grams
 for Chinese, word 3-grams for English. A held-out question's overlap with a training question is
 the share of its 3-grams that the training question also has (containment, 0..1); a pair at or
-above THRESHOLD (0.35) counts as a leak. Measured on the built-in set: a reworded copy of a
-training question ("卡里突然收到一笔陌生人转来的钱…" asked again as "我的账户莫名收到一笔陌生人的
-钱…") scores 0.39, while distinct questions in the same category stay under 0.30.
+above THRESHOLD (0.35) counts as a leak. Measured on the built-in set: an exact copy scores 1.0,
+a wrapped copy (请问，…谢谢) 0.81, a lightly reworded one 0.69, a paraphrase in other words
+("卡里突然收到一笔陌生人转来的钱…" asked as "我的账户莫名收到一笔陌生人的钱…") 0.39, while
+distinct questions stay at or under 0.33 (mean 0.07).
 """
 
 from __future__ import annotations
