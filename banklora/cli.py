@@ -224,29 +224,38 @@ def train(
 # --------------------------------------------------------------------------------------------- compare
 @app.command()
 def compare(
-    peft_model_path: Annotated[str, typer.Option(help="The adapter directory to compare with its base model.")] = DEFAULT_ADAPTER,
-    questions: Annotated[Optional[list[str]], typer.Option("--questions", help="Question set: 'banking-eval' (the seed's 8), 'banking', a registered name or a file with keywords.")] = None,
+    peft_model_path: Annotated[Optional[list[str]], typer.Option(help="Adapter directory to compare with its base model; repeat to compare adapters with each other too.")] = None,
+    questions: Annotated[Optional[list[str]], typer.Option("--questions", help="Question set: 'banking-eval' (the seed's 8), 'banking', a registered name or a file with references and keywords.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Only this split of the questions, e.g. test: the held-out split of the built-in set.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Token budget per answer, the same for both models.")] = 160,
+    max_new_tokens: Annotated[int, typer.Option(help="Token budget per answer, the same for every model.")] = 160,
     batch_size: Annotated[int, typer.Option(help="Questions answered together.")] = 8,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="JSON report path [next to the adapter, in reports/].")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="JSON report path; .md and .html are written beside it [next to the adapter, in reports/].")] = None,
     base_model: BaseModelOpt = None,
-    answers: Annotated[bool, typer.Option("--answers/--no-answers", help="Print both answers to each question.")] = True,
+    compliance_rules: Annotated[Optional[Path], typer.Option(help="Extra compliance rules (YAML, the built-in rules' format).")] = None,
+    fail_below: Annotated[Optional[list[str]], typer.Option(help="CI gate, repeatable: exit 1 when an adapter's mean METRIC is below VALUE, e.g. rouge_l=0.2.")] = None,
+    fail_on_regression: Annotated[bool, typer.Option(help="CI gate: exit 1 when an adapter is significantly worse than the base on any metric.")] = False,
+    answers: Annotated[bool, typer.Option("--answers/--no-answers", help="Print every model's answer to each question.")] = True,
 ) -> None:
-    """Base vs fine-tuned on the same questions: keyword match, completeness, speed."""
+    """Base vs fine-tuned on the same questions: quality metrics with statistics, compliance, speed."""
     from banklora.config import GenerationSettings
-    from banklora.evaluation.compare import print_report, run_compare, write_report
+    from banklora.evaluation.compare import gate, parse_thresholds, print_report, run_compare
+    from banklora.evaluation.report import write_reports
 
+    adapters = peft_model_path or [DEFAULT_ADAPTER]
+    thresholds = parse_thresholds(fail_below or [])
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     default = ["banking"] if split else ["banking-eval"]
-    result = run_compare(peft_model_path, questions=questions or default, split=split, settings=settings,
-                         batch_size=batch_size, limit=limit, base_model=base_model)
-    path = write_report(result, report or default_report_path(peft_model_path))
+    result = run_compare(adapters, questions=questions or default, split=split, settings=settings,
+                         batch_size=batch_size, limit=limit, base_model=base_model, rules_file=compliance_rules)
+    paths = write_reports(result, report or default_report_path(adapters[-1]))
     print_report(result, console, show_answers=answers)
-    console.print(f"report: {path}")
+    console.print(f"reports: {paths['json']}  {paths['markdown']}  {paths['html']}")
+    reasons = gate(result, thresholds, fail_on_regression)
+    if reasons:
+        raise BankloraError("quality gate failed:\n  " + "\n  ".join(reasons))
 
 
 def default_report_path(adapter: str) -> Path:
@@ -318,10 +327,11 @@ def quickstart(
     train(output_dir=output_dir, epochs=epochs, lr=lr, max_steps=max_steps, data=["banking-seed"], **dict.fromkeys(
         ("config", "batch_size", "max_length", "base_model", "seed", "dtype", "lora_r", "lora_alpha", "lora_dropout", "strict", "redact")))
     console.rule("[bold]3/3 compare")
-    compare(peft_model_path=output_dir, questions=None, split=None, max_new_tokens=160, batch_size=8, limit=None, report=None, base_model=None, answers=True)
+    compare(peft_model_path=[output_dir], questions=None, split=None, max_new_tokens=160, batch_size=8, limit=None, report=None,
+            base_model=None, compliance_rules=None, fail_below=None, fail_on_regression=False, answers=True)
     console.rule("[bold]done")
     console.print(f"quickstart finished in {time.perf_counter() - start:.0f} s")
-    console.print(f"adapter: {output_dir}    report: {default_report_path(output_dir)}")
+    console.print(f"adapter: {output_dir}    report: {default_report_path(output_dir).with_suffix('.html')} (and .json, .md)")
     console.print(f"chat with it:  banklora chat --model-path {output_dir}")
 
 

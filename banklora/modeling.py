@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ class Loaded:
     dtype: torch.dtype
     adapter_path: Path | None = None
     meta: dict | None = None  # the adapter's banklora_meta.json
+    adapter_names: list[str] = field(default_factory=list)
 
 
 def resolve_base(spec: str) -> BaseModelInfo:
@@ -126,12 +127,15 @@ def load(
     dtype: str = "auto",
     device: str | None = None,
     training: bool = False,
+    more_adapters: tuple[str, ...] = (),
 ) -> Loaded:
     """Load a base model, or base + adapter when `model_path` is an adapter directory.
 
     model_path: an adapter directory (its base comes from its metadata unless base_model is
     given), or a base model (embedded name, directory, hub id). training=True loads a base for
     LoRA training (eager attention, as transformers recommends for Gemma 3).
+    more_adapters are loaded beside the first, each checked against the same base; adapters are
+    named after their directories (Loaded.adapter_names); model.set_adapter(name) switches.
     """
     adapter_dir, meta = None, None
     if model_path is not None and is_adapter_dir(model_path):
@@ -162,12 +166,35 @@ def load(
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base.path)
     if not tokenizer.chat_template:
         tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    names: list[str] = []
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        names = adapter_names([str(adapter_dir), *more_adapters])
+        model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=names[0], is_trainable=False)
+        for name, path in zip(names[1:], more_adapters):
+            path = Path(path)
+            if not is_adapter_dir(path):
+                raise UsageError(f"{path} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+            _check_adapter(path, read_meta(path), base)
+            model.load_adapter(path, adapter_name=name, is_trainable=False)
+        model.set_adapter(names[0])
+    elif more_adapters:
+        raise UsageError("more adapters were given, but the first model path is not an adapter")
     model.eval()
-    return Loaded(model, tokenizer, base, dev, torch_dtype, adapter_dir, meta)
+    return Loaded(model, tokenizer, base, dev, torch_dtype, adapter_dir, meta, names)
+
+
+def adapter_names(paths: list[str]) -> list[str]:
+    """Short unique names for adapters: their directory names, numbered when they repeat."""
+    names: list[str] = []
+    for p in paths:
+        name = Path(p).resolve().name or "adapter"
+        candidate, i = name, 2
+        while candidate in names or candidate == "base":
+            candidate, i = f"{name}-{i}", i + 1
+        names.append(candidate)
+    return names
 
 
 def _peft_base(adapter_dir: Path) -> str | None:

@@ -80,14 +80,15 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 # the loss
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy over answer tokens, with logits computed only there.
 
     Equal (to float rounding) to the model's own loss with `labels=`, at a fraction of the cost.
+    per_example=True returns each row's own mean, shape (B,): what reference perplexity needs.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = getattr(causal_lm, "model", None), getattr(causal_lm, "lm_head", None)
-    if decoder is None or head is None:  # an architecture we don't know: the full computation
+    if (decoder is None or head is None) and not per_example:  # an unknown architecture: the full computation
         return model(**batch).loss
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
@@ -96,7 +97,12 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, targets[keep])
+    if not per_example:
+        return F.cross_entropy(logits, targets[keep])
+    token_loss = F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(keep.shape[0], device=token_loss.device).index_add_(0, rows, token_loss)
+    return sums / keep.sum(dim=1).clamp(min=1)
 
 
 @torch.no_grad()

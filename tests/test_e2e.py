@@ -31,17 +31,20 @@ def test_reload_compare_and_base_answers_match_the_plain_base(adapter):
     assert loaded.base.name == "gemma-3-270m" and loaded.adapter_path == adapter
     settings = GenerationSettings(max_new_tokens=12)
     report = run_compare(str(adapter), settings=settings, limit=2, loaded=loaded)
-    assert report["summary"]["questions"] == 2
-    for row in report["results"]:
-        for model in ("base", "tuned"):
-            r = row[model]
-            assert 0 <= r["keyword_match"] <= 1 and 0 <= r["overall"] <= 1
-            assert 0 < r["tokens"] <= 12 and r["tokens_per_second"] > 0 and r["response_seconds"] > 0
+    assert report["models"] == ["base", "lora_banking"] and len(report["questions"]) == 2
+    for q in report["questions"]:
+        for model in report["models"]:
+            a = q["answers"][model]
+            assert 0 <= a["keyword_match"] <= 1 and 0 <= a["overall"] <= 1 and 0 <= a["rouge_l"] <= 1
+            assert 0 < a["tokens"] <= 12 and a["tokens_per_second"] > 0 and a["response_seconds"] > 0
+            assert 1 < a["ref_perplexity"] < 1e6
+    # two fine-tuning steps at lr 1e-3 already make the reference answers more likely
+    assert report["summary"]["lora_banking"]["ref_perplexity"] < report["summary"]["base"]["ref_perplexity"]
     # "base" in the report is the base model itself, not the adapter.
     plain = load("gemma-3-270m")
     prompt = encode_prompt(plain.tokenizer, "借记卡密码忘了，该怎么处理？")
     expected = generate_batch(plain.model, plain.tokenizer, [prompt], settings)[0].text
-    assert report["results"][0]["base"]["answer"] == expected
+    assert report["questions"][0]["answers"]["base"]["answer"] == expected
 
 
 def test_compare_and_chat_through_the_cli(adapter):
@@ -49,10 +52,11 @@ def test_compare_and_chat_through_the_cli(adapter):
     result = run_cli("compare", "--peft-model-path", str(adapter), "--split", "test", "--limit", "2", "--max-new-tokens", "8", "--report", str(report))
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
-    assert len(data["results"]) == 2 and "keyword match" in result.stdout
+    assert len(data["questions"]) == 2 and "means per model" in result.stdout
+    assert report.with_suffix(".html").is_file() and report.with_suffix(".md").is_file()
     assert data["split"] == "test" and data["questions_source"] == ["banking"]
     test_ids = {e.id for e in load_examples(["banking"], split="test")}
-    assert {r["id"] for r in data["results"]} <= test_ids
+    assert {q["id"] for q in data["questions"]} <= test_ids
     chat = run_cli("chat", "--model-path", str(adapter), "--prompt", "如何开立银行账户？", "--max-new-tokens", "8", "--temperature", "0")
     assert chat.returncode == 0, chat.stderr
     assert len(chat.stdout.strip()) > 0

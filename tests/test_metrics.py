@@ -45,12 +45,24 @@ def test_overall_weights_keywords_and_completeness():
     assert metrics.overall(0.5, 1.0) == pytest.approx(0.7)
 
 
-def test_summary_counts_improved_worse_equal():
-    def row(b, t):
-        return {m: {"keyword_match": s, "completeness": s, "overall": s, "response_seconds": 1.0, "tokens_per_second": 2.0}
-                for m, s in (("base", b), ("tuned", t))}
+def test_keyword_synonyms_count_as_matches():
+    assert metrics.keyword_match("请关注贷款的年利率和期限。", ["年化利率"]) == 1.0
+    assert metrics.keyword_match("请带上居民身份证。", ["身份证"]) == 1.0
+    assert metrics.keyword_match("请关注期限。", ["年化利率"]) == 0.0
 
-    s = summarize([row(0.2, 0.6), row(0.5, 0.4), row(0.3, 0.3), row(0.0, 0.5)])
-    assert (s["improved"], s["worse"], s["equal"]) == (2, 1, 1)
-    assert s["mean_overall_improvement"] == pytest.approx((0.4 - 0.1 + 0 + 0.5) / 4)
-    assert s["base_keyword_match"] == pytest.approx(0.25) and s["tuned_keyword_match"] == pytest.approx(0.45)
+
+def test_rouge_l_on_words():
+    assert metrics.rouge_l("请携带身份证到网点办理", "请携带身份证到网点办理") == pytest.approx(1.0)
+    assert metrics.rouge_l("完全无关的内容", "请携带身份证到网点办理") == 0.0
+    # jieba: 请/携带/身份证/到/网点/办理 vs 携带/身份证/去/网点/办理: LCS 4 of 6 and 5 words
+    assert metrics.rouge_l("请携带身份证到网点办理", "携带身份证去网点办理") == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
+    assert metrics.rouge_l("", "参考") == 0.0
+
+
+def test_bleu4_with_the_chinese_tokenizer():
+    ref = "您好，请携带本人身份证到营业网点办理挂失手续。"
+    assert metrics.bleu4(ref, ref) == pytest.approx(1.0)
+    assert metrics.bleu4("天气很好", ref) < 0.05
+    partial = metrics.bleu4("您好，请携带本人身份证到营业网点。", ref)
+    assert 0.3 < partial < 1.0
+    assert metrics.bleu4("Bring your ID card to a branch.", "Bring your ID card to a branch.", "en") == pytest.approx(1.0)

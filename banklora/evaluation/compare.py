@@ -1,81 +1,102 @@
-"""Before/after comparison: base model and fine-tuned model answer the same questions.
+"""Before/after comparison: the base model and one or more adapters answer the same questions.
 
-One model is loaded: the adapter is switched off for the base answers (PEFT's
-disable_adapter), so both answer with identical weights apart from the LoRA update, the same
-prompts, greedy decoding and the same token budget.
+One base model is loaded with every adapter beside it: the base answers with the adapters
+switched off (PEFT's disable_adapter), each adapter with set_adapter. So all models answer with
+identical base weights, the same prompts, greedy decoding and the same token budget. Per answer:
+keyword match, completeness, overall, ROUGE-L, BLEU-4, compliance flags, speed; per question and
+model: the perplexity of the reference answer (teacher-forced, no sampling noise). Per pair of
+models and metric: wins/ties/losses, mean delta with a 95% bootstrap interval, Wilcoxon p-value.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from banklora.config import GenerationSettings
 from banklora.data.dataset import Example, load_examples
-from banklora.data.format import encode_prompt
-from banklora.evaluation import metrics
-from banklora.generate import Generation, generate_batch
-from banklora.modeling import Loaded, atomic_write_text, is_adapter_dir, load
+from banklora.data.format import encode_conversation, encode_prompt
 from banklora.errors import UsageError
+from banklora.evaluation import compliance, metrics, statistics
+from banklora.generate import Generation, generate_batch
+from banklora.modeling import Loaded, is_adapter_dir, load
 
-TIE = 1e-6  # score differences below this count as equal
-
-
-@dataclass
-class Scored:
-    answer: str
-    keyword_match: float
-    matched_keywords: list[str]
-    completeness: float
-    completeness_parts: dict
-    overall: float
-    response_seconds: float
-    first_token_seconds: float
-    tokens: int
-    tokens_per_second: float
-    finished: bool
+# (metric, higher is better): the quality metrics that get paired statistics
+QUALITY = (("overall", True), ("keyword_match", True), ("completeness", True), ("rouge_l", True), ("bleu4", True), ("ref_perplexity", False))
+SPEED = ("response_seconds", "first_token_seconds", "tokens_per_second")
 
 
-def score(example: Example, gen: Generation) -> Scored:
+def score(example: Example, gen: Generation, ppl: float, rules: list[compliance.Rule]) -> dict:
+    """Every number for one answer."""
     complete = metrics.completeness(gen.text, gen.finished)
     keyword = metrics.keyword_match(gen.text, example.keywords, example.prompt)
-    return Scored(
-        answer=gen.text,
-        keyword_match=keyword,
-        matched_keywords=metrics.matched_keywords(gen.text, example.keywords, example.prompt),
-        completeness=complete.score,
-        completeness_parts=asdict(complete),
-        overall=metrics.overall(keyword, complete.score),
-        response_seconds=round(gen.seconds, 3),
-        first_token_seconds=round(gen.first_token_seconds, 3),
-        tokens=gen.new_tokens,
-        tokens_per_second=round(gen.tokens_per_second, 2),
-        finished=gen.finished,
-    )
+    return {
+        "answer": gen.text,
+        "keyword_match": keyword,
+        "matched_keywords": metrics.matched_keywords(gen.text, example.keywords, example.prompt),
+        "completeness": complete.score,
+        "completeness_parts": asdict(complete),
+        "overall": metrics.overall(keyword, complete.score),
+        "rouge_l": metrics.rouge_l(gen.text, example.output),
+        "bleu4": metrics.bleu4(gen.text, example.output, example.language),
+        "ref_perplexity": ppl,
+        "compliance_flags": compliance.flags(gen.text, example.category, rules),
+        "response_seconds": round(gen.seconds, 3),
+        "first_token_seconds": round(gen.first_token_seconds, 3),
+        "tokens": gen.new_tokens,
+        "tokens_per_second": round(gen.tokens_per_second, 2),
+        "finished": gen.finished,
+    }
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Averages per model, mean improvement, and improved / worse / equal counts (overall score)."""
-    def mean(values):
-        return sum(values) / len(values) if values else 0.0
+@torch.inference_mode()
+def reference_perplexity(model, tokenizer, examples: list[Example], batch_size: int) -> list[float]:
+    """exp(mean loss) of each reference answer given its question, teacher-forced."""
+    from banklora.train import answer_loss, collate
 
-    summary = {"questions": len(rows)}
-    for model in ("base", "tuned"):
-        for key in ("keyword_match", "completeness", "overall", "response_seconds", "tokens_per_second"):
-            summary[f"{model}_{key}"] = round(mean([r[model][key] for r in rows]), 4)
-    deltas = [r["tuned"]["overall"] - r["base"]["overall"] for r in rows]
-    summary["mean_overall_improvement"] = round(mean(deltas), 4)
-    summary["mean_keyword_improvement"] = round(summary["tuned_keyword_match"] - summary["base_keyword_match"], 4)
-    summary["improved"] = sum(d > TIE for d in deltas)
-    summary["worse"] = sum(d < -TIE for d in deltas)
-    summary["equal"] = len(deltas) - summary["improved"] - summary["worse"]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[float] = []
+    for i in range(0, len(examples), batch_size):
+        encoded = [encode_conversation(tokenizer, e.conversation()) for e in examples[i : i + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(encoded, pad).items()}
+        out += [math.exp(min(50.0, x)) for x in answer_loss(model, batch, per_example=True).tolist()]
+    return out
+
+
+def summarize(questions: list[dict], models: list[str]) -> dict:
+    """Mean of every metric per model, and compliance flag counts."""
+    summary = {}
+    for m in models:
+        rows = [q["answers"][m] for q in questions]
+        s = {key: sum(r[key] for r in rows) / len(rows) for key, _ in QUALITY}
+        s.update({key: sum(r[key] for r in rows) / len(rows) for key in SPEED})
+        s["finished"] = sum(r["finished"] for r in rows)
+        flags: dict[str, int] = {}
+        for r in rows:
+            for f in r["compliance_flags"]:
+                flags[f] = flags.get(f, 0) + 1
+        s["compliance_flags"] = flags
+        summary[m] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
     return summary
 
 
+def compare_pair(questions: list[dict], a: str, b: str) -> dict:
+    """Paired statistics of b against a, for every quality metric."""
+    result = {"a": a, "b": b, "metrics": {}}
+    for key, higher in QUALITY:
+        xs = [q["answers"][a][key] for q in questions]
+        ys = [q["answers"][b][key] for q in questions]
+        result["metrics"][key] = statistics.paired(xs, ys, higher, key).to_dict()
+    return result
+
+
 def run_compare(
-    peft_model_path: str,
+    peft_model_paths: list[str] | str,
     *,
     questions: list[str] = ("banking-eval",),
     split: str | None = None,
@@ -83,90 +104,154 @@ def run_compare(
     batch_size: int = 8,
     limit: int | None = None,
     base_model: str | None = None,
+    rules_file: Path | None = None,
     loaded: Loaded | None = None,
 ) -> dict:
-    """Answer every question with the base and the fine-tuned model; return the report."""
+    """Answer every question with the base model and each adapter; return the report."""
+    paths = [peft_model_paths] if isinstance(peft_model_paths, str) else list(peft_model_paths)
     settings = settings or GenerationSettings(max_new_tokens=160)
+    rules = compliance.load_rules(rules_file)
     if loaded is None:
-        if not Path(peft_model_path).exists():
-            raise UsageError(f"--peft-model-path {peft_model_path} does not exist; train an adapter first (banklora train --output-dir {peft_model_path})")
-        if not is_adapter_dir(peft_model_path):
-            raise UsageError(f"--peft-model-path {peft_model_path} is not a LoRA adapter directory (no adapter_config.json)")
-        loaded = load(peft_model_path, base_model=base_model)
+        for p in paths:
+            if not Path(p).exists():
+                raise UsageError(f"--peft-model-path {p} does not exist; train an adapter first (banklora train --output-dir {p})")
+            if not is_adapter_dir(p):
+                raise UsageError(f"--peft-model-path {p} is not a LoRA adapter directory (no adapter_config.json)")
+        loaded = load(paths[0], base_model=base_model, more_adapters=tuple(paths[1:]))
     examples = load_examples(list(questions), split=split)[:limit]
     if not examples:
         raise UsageError(f"no questions in {', '.join(questions)}" + (f" with split {split}" if split else ""))
     prompts = [encode_prompt(loaded.tokenizer, e.instruction, e.input) for e in examples]
-    model = loaded.model
+    model, tok = loaded.model, loaded.tokenizer
+    models = ["base", *loaded.adapter_names]
+    gens: dict[str, list[Generation]] = {}
+    ppls: dict[str, list[float]] = {}
     with model.disable_adapter():
-        base_gens = generate_batch(model, loaded.tokenizer, prompts, settings, batch_size)
-    tuned_gens = generate_batch(model, loaded.tokenizer, prompts, settings, batch_size)
+        gens["base"] = generate_batch(model, tok, prompts, settings, batch_size)
+        ppls["base"] = reference_perplexity(model, tok, examples, batch_size)
+    for name in loaded.adapter_names:
+        model.set_adapter(name)
+        gens[name] = generate_batch(model, tok, prompts, settings, batch_size)
+        ppls[name] = reference_perplexity(model, tok, examples, batch_size)
+    model.set_adapter(loaded.adapter_names[0])
     rows = []
-    for example, b, t in zip(examples, base_gens, tuned_gens):
-        base, tuned = score(example, b), score(example, t)
+    for i, e in enumerate(examples):
         rows.append({
-            "id": example.id,
-            "category": example.category,
-            "question": example.prompt,
-            "keywords": list(example.keywords),
-            "reference": example.output,
-            "base": asdict(base),
-            "tuned": asdict(tuned),
-            "delta_overall": round(tuned.overall - base.overall, 4),
-            "delta_keyword_match": round(tuned.keyword_match - base.keyword_match, 4),
+            "id": e.id, "category": e.category, "language": e.language, "question": e.prompt,
+            "keywords": list(e.keywords), "reference": e.output,
+            "answers": {m: score(e, gens[m][i], ppls[m][i], rules) for m in models},
         })
+    pairs = [("base", name) for name in loaded.adapter_names]
+    pairs += [(a, b) for i, a in enumerate(loaded.adapter_names) for b in loaded.adapter_names[i + 1 :]]
     return {
-        "format": "banklora-compare/1",
+        "format": "banklora-compare/2",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "adapter": str(loaded.adapter_path),
+        "models": models,
+        "adapters": {name: {"path": str(p), "meta": _meta_summary(p)} for name, p in zip(loaded.adapter_names, paths)},
         "base_model": {"name": loaded.base.name, "sha256": loaded.base.sha256},
         "questions_source": list(questions),
         "split": split,
         "generation": asdict(settings) | {"greedy": settings.temperature == 0, "batch_size": batch_size},
         "device": str(loaded.device),
-        "metrics": {"overall": "0.6 x keyword_match + 0.4 x completeness", "completeness": "mean of length, finished, structure, variety"},
-        "summary": summarize(rows),
-        "results": rows,
+        "metric_definitions": {
+            "overall": "0.6 x keyword_match + 0.4 x completeness",
+            "completeness": "mean of length, finished, structure, variety",
+            "rouge_l": "ROUGE-L F1 vs the reference, jieba words",
+            "bleu4": "sentence BLEU-4 vs the reference, sacrebleu zh tokenizer, 0..1",
+            "ref_perplexity": "perplexity of the reference answer given the question (lower is better)",
+        },
+        "compliance_rules": [{"id": r.id, "kind": r.kind, "description": r.description} for r in rules],
+        "summary": summarize(rows, models),
+        "comparisons": [compare_pair(rows, a, b) for a, b in pairs],
+        "questions": rows,
     }
 
 
-def write_report(report: dict, path: Path) -> Path:
-    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False))
-    return path
+def _meta_summary(path: str) -> dict:
+    from banklora.modeling import read_meta
+
+    meta = read_meta(Path(path))
+    keep = ("created_at", "loss_per_step", "validation_loss", "wall_time_seconds", "lora", "dataset")
+    return {k: meta[k] for k in keep if k in meta}
+
+
+def gate(report: dict, fail_below: dict[str, float], fail_on_regression: bool) -> list[str]:
+    """Reasons a CI pipeline should fail: an adapter under a threshold, or significantly worse than base."""
+    reasons = []
+    for name in report["models"][1:]:
+        for key, threshold in fail_below.items():
+            value = report["summary"][name][key]
+            if value < threshold:
+                reasons.append(f"{name}: mean {key} {value:.4f} is below --fail-below {key}={threshold}")
+    if fail_on_regression:
+        for c in report["comparisons"]:
+            if c["a"] != "base":
+                continue
+            for key, higher in QUALITY:
+                s = c["metrics"][key]
+                if s["significant"] and (s["mean_delta"] > 0) != higher:
+                    reasons.append(f"{c['b']} is significantly worse than base on {key} ({s['verdict']})")
+    return reasons
+
+
+def parse_thresholds(items: list[str]) -> dict[str, float]:
+    """--fail-below rouge_l=0.2 (repeatable) -> {"rouge_l": 0.2}."""
+    names = {k for k, higher in QUALITY if higher}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise UsageError(f"--fail-below {item}: expected METRIC=VALUE with METRIC one of {', '.join(sorted(names))}")
+        try:
+            out[key] = float(value)
+        except ValueError as exc:
+            raise UsageError(f"--fail-below {item}: {value!r} is not a number") from exc
+    return out
 
 
 def print_report(report: dict, console, show_answers: bool = True, width: int = 160) -> None:
-    """The readable table in the terminal, then the summary."""
+    """The readable tables in the terminal: per question, then statistics per pair of models."""
     from rich.table import Table
 
-    table = Table(title="base vs fine-tuned (greedy, same prompts and token budget)")
-    for col in ("#", "category", "question", "keywords b→t", "overall b→t", "Δ", "time b/t s", "tok/s b/t"):
-        table.add_column(col, justify="right" if col not in ("category", "question") else "left")
-    for i, r in enumerate(report["results"], 1):
-        b, t = r["base"], r["tuned"]
-        delta = r["delta_overall"]
-        style = "green" if delta > TIE else "red" if delta < -TIE else ""
+    models = report["models"]
+    last = models[-1]
+    table = Table(title=f"{len(report['questions'])} questions, greedy, same prompts and token budget ({report['generation']['max_new_tokens']} tokens)")
+    for col in ("#", "category", "question", *[f"overall {m}" for m in models], f"Δ {last}", "keywords b→t", "rouge-L b→t", "ppl b→t"):
+        table.add_column(col, justify="left" if col in ("category", "question") else "right")
+    for i, q in enumerate(report["questions"], 1):
+        a = q["answers"]
+        delta = a[last]["overall"] - a["base"]["overall"]
+        style = "green" if delta > statistics.TIE else "red" if delta < -statistics.TIE else ""
         table.add_row(
-            str(i), r["category"], _clip(r["question"], 22),
-            f"{b['keyword_match']:.2f}→{t['keyword_match']:.2f}",
-            f"{b['overall']:.2f}→{t['overall']:.2f}",
+            str(i), q["category"], _clip(q["question"], 22), *[f"{a[m]['overall']:.2f}" for m in models],
             f"[{style}]{delta:+.2f}[/]" if style else f"{delta:+.2f}",
-            f"{b['response_seconds']:.1f}/{t['response_seconds']:.1f}",
-            f"{b['tokens_per_second']:.1f}/{t['tokens_per_second']:.1f}",
+            f"{a['base']['keyword_match']:.2f}→{a[last]['keyword_match']:.2f}",
+            f"{a['base']['rouge_l']:.2f}→{a[last]['rouge_l']:.2f}",
+            f"{a['base']['ref_perplexity']:.1f}→{a[last]['ref_perplexity']:.1f}",
         )
     console.print(table)
     if show_answers:
-        for i, r in enumerate(report["results"], 1):
-            console.print(f"[bold]{i}. {r['question']}[/]")
-            console.print(f"  [dim]base :[/] {_clip(r['base']['answer'], width)}", highlight=False)
-            console.print(f"  [cyan]tuned:[/] {_clip(r['tuned']['answer'], width)}", highlight=False)
-    s = report["summary"]
-    console.print(
-        f"keyword match {s['base_keyword_match']:.3f} → {s['tuned_keyword_match']:.3f} "
-        f"({s['mean_keyword_improvement']:+.3f}); overall {s['base_overall']:.3f} → {s['tuned_overall']:.3f} "
-        f"({s['mean_overall_improvement']:+.3f}); improved {s['improved']}, worse {s['worse']}, equal {s['equal']} "
-        f"of {s['questions']} questions"
-    )
+        for i, q in enumerate(report["questions"], 1):
+            console.print(f"[bold]{i}. {q['question']}[/]")
+            for m in models:
+                flags = q["answers"][m]["compliance_flags"]
+                console.print(f"  [cyan]{m}:[/] {_clip(q['answers'][m]['answer'], width)}" + (f" [red]{flags}[/]" if flags else ""), highlight=False)
+    means = Table(title="means per model")
+    means.add_column("metric")
+    for m in models:
+        means.add_column(m, justify="right")
+    for key in [k for k, _ in QUALITY] + list(SPEED):
+        means.add_row(key, *[f"{report['summary'][m][key]:.3f}" for m in models])
+    means.add_row("compliance flags", *[str(sum(report["summary"][m]["compliance_flags"].values())) for m in models])
+    console.print(means)
+    for c in report["comparisons"]:
+        stats = Table(title=f"{c['b']} vs {c['a']}: paired over {len(report['questions'])} questions")
+        for col in ("metric", "mean Δ", "95% CI", "p (Wilcoxon)", "win/tie/loss", "finding"):
+            stats.add_column(col, justify="left" if col in ("metric", "finding") else "right")
+        for key, s in c["metrics"].items():
+            stats.add_row(key, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
+                          f"{s['wins']}/{s['ties']}/{s['losses']}", "significant" if s["significant"] else "not significant")
+        console.print(stats)
 
 
 def _clip(text: str, n: int) -> str:

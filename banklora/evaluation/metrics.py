@@ -10,12 +10,19 @@ completeness    mean of four checks, each in [0, 1]:
                   structure  1 for >= 2 list items or >= 3 sentences, 0.5 for 2 sentences, else 0
                   variety    distinct share of character 4-grams: 1 = no repetition loops
 overall         0.6 x keyword match + 0.4 x completeness
+rouge_l         ROUGE-L F1 against the reference answer, on jieba-segmented words (Chinese) or
+                words (English), punctuation and spaces dropped
+bleu4           sentence BLEU-4 against the reference with sacrebleu's Chinese tokenizer ("zh";
+                "13a" for English), exponential smoothing, scaled to 0..1
+Keywords match through a small synonym table (keyword_synonyms.yaml: 年化利率 matches 年利率).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib.resources import files
 
 MIN_CHARS = 80  # non-space characters for full length credit; the seed answers have ~180
 KEYWORD_WEIGHT = 0.6
@@ -43,9 +50,23 @@ def without_echo(answer: str, question: str) -> str:
     return answer
 
 
+@lru_cache(maxsize=1)
+def synonyms() -> dict[str, tuple[str, ...]]:
+    """keyword -> its accepted alternatives, from keyword_synonyms.yaml (groups of equivalents)."""
+    import yaml
+
+    groups = yaml.safe_load(files("banklora.evaluation").joinpath("keyword_synonyms.yaml").read_text(encoding="utf-8"))
+    table: dict[str, tuple[str, ...]] = {}
+    for group in groups["groups"]:
+        for word in group:
+            table[word.lower()] = tuple(w.lower() for w in group)
+    return table
+
+
 def matched_keywords(answer: str, keywords: list[str] | tuple[str, ...], question: str = "") -> list[str]:
     text = without_echo(answer, question).lower() if question else answer.lower()
-    return [k for k in keywords if k.lower() in text]
+    table = synonyms()
+    return [k for k in keywords if any(alt in text for alt in table.get(k.lower(), (k.lower(),)))]
 
 
 def keyword_match(answer: str, keywords: list[str] | tuple[str, ...], question: str = "") -> float:
@@ -72,3 +93,42 @@ def completeness(answer: str, finished: bool) -> Completeness:
 
 def overall(keyword: float, complete: float) -> float:
     return KEYWORD_WEIGHT * keyword + (1 - KEYWORD_WEIGHT) * complete
+
+
+def _words(text: str) -> list[str]:
+    import jieba
+
+    return [w for w in jieba.lcut(text.lower()) if re.search(r"\w", w)]
+
+
+class _JiebaTokenizer:
+    def tokenize(self, text: str) -> list[str]:
+        return _words(text)
+
+
+@lru_cache(maxsize=1)
+def _rouge():
+    import logging
+
+    import jieba
+    from rouge_score import rouge_scorer
+
+    jieba.setLogLevel(logging.WARNING)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_JiebaTokenizer())
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F1 of the answer against the reference, on words (0..1)."""
+    if not answer.strip() or not reference.strip():
+        return 0.0
+    return _rouge().score(reference, answer)["rougeL"].fmeasure
+
+
+def bleu4(answer: str, reference: str, language: str = "zh") -> float:
+    """Sentence BLEU-4 (sacrebleu, smoothed) of the answer against the reference (0..1)."""
+    import sacrebleu
+
+    if not answer.strip() or not reference.strip():
+        return 0.0
+    tokenize = "zh" if language == "zh" else "13a"
+    return sacrebleu.sentence_bleu(answer, [reference], tokenize=tokenize).score / 100

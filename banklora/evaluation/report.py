@@ -1,0 +1,140 @@
+"""Compare reports: JSON (every answer and number), Markdown summary, self-contained HTML.
+
+The HTML file embeds its charts as PNG data (matplotlib) and its styles inline: it opens in a
+browser with no network. Charts: mean overall score per category and model, the distribution of
+per-question deltas against the base model, and each adapter's training loss curve.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+from banklora.data.stats import CATEGORY_EN
+from banklora.evaluation.compare import QUALITY
+from banklora.modeling import atomic_write_text
+
+COLORS = ("#7f8c8d", "#2e86de", "#27ae60", "#e67e22", "#8e44ad")
+
+
+def write_reports(report: dict, json_path: Path) -> dict[str, Path]:
+    """Write the JSON, Markdown and HTML reports side by side; return their paths."""
+    json_path = Path(json_path)
+    paths = {"json": json_path, "markdown": json_path.with_suffix(".md"), "html": json_path.with_suffix(".html")}
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(paths["markdown"], markdown(report))
+    atomic_write_text(paths["html"], html(report))
+    return paths
+
+
+def markdown(report: dict) -> str:
+    models = report["models"]
+    lines = [f"# banklora compare: {', '.join(models[1:])} vs base", "",
+             f"{len(report['questions'])} questions ({', '.join(report['questions_source'])}"
+             + (f", split {report['split']}" if report["split"] else "") + f"); greedy, {report['generation']['max_new_tokens']} new tokens; base model {report['base_model']['name']}.", "",
+             "## Means per model", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for key, _ in QUALITY:
+        lines.append(f"| {key} | " + " | ".join(f"{report['summary'][m][key]:.3f}" for m in models) + " |")
+    lines.append("| compliance flags | " + " | ".join(str(sum(report["summary"][m]["compliance_flags"].values())) for m in models) + " |")
+    for c in report["comparisons"]:
+        lines += ["", f"## {c['b']} vs {c['a']}", "", "| metric | mean Δ | 95% CI | p | win/tie/loss |", "|---|---:|---:|---:|---:|"]
+        for key, s in c["metrics"].items():
+            lines.append(f"| {key} | {s['mean_delta']:+.3f} | [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] | {s['p_value']:.3g} | {s['wins']}/{s['ties']}/{s['losses']} |")
+        lines += [""] + [f"- {s['verdict']}" for s in c["metrics"].values()]
+    return "\n".join(lines) + "\n"
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def charts(report: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models, questions = report["models"], report["questions"]
+    out = {}
+    categories = list(dict.fromkeys(q["category"] for q in questions))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        means = [np.mean([q["answers"][m]["overall"] for q in questions if q["category"] == c]) for c in categories]
+        ax.bar(np.arange(len(categories)) + i * width, means, width, label=m, color=COLORS[i % len(COLORS)])
+    ax.set_xticks(np.arange(len(categories)) + width * (len(models) - 1) / 2, [CATEGORY_EN.get(c, c) for c in categories], rotation=30, ha="right")
+    ax.set(ylabel="overall score", ylim=(0, 1), title="mean overall score per category")
+    ax.legend()
+    out["categories"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    for i, m in enumerate(models[1:], 1):
+        deltas = [q["answers"][m]["overall"] - q["answers"]["base"]["overall"] for q in questions]
+        ax.hist(deltas, bins=20, range=(-1, 1), alpha=0.7, label=f"{m} - base", color=COLORS[i % len(COLORS)])
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set(xlabel="overall score delta per question", ylabel="questions", title="distribution of deltas against the base model")
+    ax.legend()
+    out["deltas"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    for i, (name, info) in enumerate(report["adapters"].items(), 1):
+        losses = info["meta"].get("loss_per_step") or []
+        ax.plot(range(1, len(losses) + 1), losses, label=f"{name} train", color=COLORS[i % len(COLORS)])
+        val = info["meta"].get("validation_loss") or []
+        if val:
+            ax.plot([v["step"] for v in val], [v["loss"] for v in val], "o--", label=f"{name} validation", color=COLORS[i % len(COLORS)])
+    ax.set(xlabel="step", ylabel="loss", title="training loss (from the adapters' metadata)")
+    ax.legend()
+    out["loss"] = _png(fig)
+    return out
+
+
+_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>banklora compare</title>
+<style>
+body{font-family:system-ui,"Noto Sans CJK SC","PingFang SC",sans-serif;margin:24px;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:12px 0;font-size:14px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}
+th{background:#eef2f7} td.text{text-align:left;max-width:420px}
+.good{color:#1e8449;font-weight:600}.bad{color:#c0392b;font-weight:600}
+img{max-width:100%;display:block;margin:8px 0}
+</style></head><body>
+<h1>banklora compare: {{ models[1:]|join(", ") }} vs base</h1>
+<p>{{ questions|length }} questions ({{ report.questions_source|join(", ") }}{% if report.split %}, split {{ report.split }}{% endif %}),
+greedy, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.base_model.name }}, {{ report.created_at }}.</p>
+<h2>Means per model</h2>
+<table id="means"><tr><th>metric</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
+{% for key in quality %}<tr><td class="text">{{ key }}</td>{% for m in models %}<td>{{ "%.3f"|format(report.summary[m][key]) }}</td>{% endfor %}</tr>{% endfor %}
+<tr><td class="text">compliance flags</td>{% for m in models %}<td>{{ report.summary[m].compliance_flags.values()|sum }}</td>{% endfor %}</tr></table>
+{% for c in report.comparisons %}<h2>{{ c.b }} vs {{ c.a }}</h2>
+<table class="stats"><tr><th>metric</th><th>mean Δ</th><th>95% CI</th><th>p (Wilcoxon)</th><th>win/tie/loss</th><th>finding</th></tr>
+{% for key, s in c.metrics.items() %}<tr><td class="text">{{ key }}</td><td>{{ "%+.3f"|format(s.mean_delta) }}</td>
+<td>[{{ "%+.3f"|format(s.ci_low) }}, {{ "%+.3f"|format(s.ci_high) }}]</td><td>{{ "%.3g"|format(s.p_value) }}</td>
+<td>{{ s.wins }}/{{ s.ties }}/{{ s.losses }}</td><td class="text {{ 'good' if s.significant and ((s.mean_delta > 0) == (key != 'ref_perplexity')) else ('bad' if s.significant else '') }}">{{ s.verdict }}</td></tr>{% endfor %}</table>{% endfor %}
+<h2>Charts</h2>
+<img id="chart-categories" alt="mean overall score per category" src="{{ charts.categories }}">
+<img id="chart-deltas" alt="distribution of deltas" src="{{ charts.deltas }}">
+<img id="chart-loss" alt="training loss" src="{{ charts.loss }}">
+<h2>Every question</h2>
+<table id="questions"><tr><th>#</th><th>category</th><th>question</th>{% for m in models %}<th>{{ m }} answer</th><th>overall</th><th>ROUGE-L</th>{% endfor %}</tr>
+{% for q in questions %}<tr><td>{{ loop.index }}</td><td class="text">{{ q.category }}</td><td class="text">{{ q.question }}</td>
+{% for m in models %}{% set a = q.answers[m] %}<td class="text">{{ a.answer[:300] }}{% if a.compliance_flags %} <span class="bad">[{{ a.compliance_flags|join(", ") }}]</span>{% endif %}</td>
+<td>{{ "%.2f"|format(a.overall) }}</td><td>{{ "%.2f"|format(a.rouge_l) }}</td>{% endfor %}</tr>{% endfor %}</table>
+</body></html>
+"""
+
+
+def html(report: dict) -> str:
+    from jinja2 import Environment
+
+    template = Environment(autoescape=True).from_string(_TEMPLATE)
+    return template.render(report=report, models=report["models"], questions=report["questions"],
+                           quality=[k for k, _ in QUALITY], charts=charts(report))
