@@ -24,7 +24,8 @@ def test_bootstrap_on_known_cases():
 
 def test_paired_statistics_in_words():
     better = statistics.paired([0.1] * 12, [0.1 + 0.05 * (i % 3 + 1) for i in range(12)], metric="rouge_l")
-    assert better.significant and better.wins == 12 and better.ci_low > 0 and better.p_value < 0.01
+    assert better.significant and better.wins == 12 and better.ci_low > 0 and 0 < better.p_value < 0.01
+    assert better.to_dict()["p_value"] == better.p_value  # not rounded to 0
     assert "significantly better" in better.verdict
     noise = statistics.paired([0.5, 0.6, 0.4, 0.5, 0.55, 0.45], [0.55, 0.5, 0.45, 0.5, 0.5, 0.5])
     assert not noise.significant and "not significant" in noise.verdict
@@ -154,3 +155,25 @@ def test_html_report_renders_charts_and_table_in_chromium(html_report, tmp_path)
         assert hits > 500, f"chart colour {rgb} barely visible ({hits} pixels)"
     # The table header background (#eef2f7) shows the tables rendered.
     assert (np.abs(image - np.array((0xEE, 0xF2, 0xF7))).sum(axis=2) < 4).sum() > 2000
+
+
+def test_questions_without_references_skip_reference_metrics(tiny_adapter, tmp_path):
+    from banklora.config import GenerationSettings
+    from banklora.evaluation.compare import run_compare
+    from banklora.evaluation.report import write_reports
+
+    questions = tmp_path / "questions.jsonl"
+    rows = [{"instruction": "信用卡怎么提额？", "keywords": ["信用", "额度"]},
+            {"instruction": "怎么开户？", "output": "携带身份证到网点办理。", "keywords": ["身份证"]},
+            {"instruction": "挂失要多久？", "keywords": ["挂失"]}]
+    questions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    report = run_compare([str(tiny_adapter)], questions=[str(questions)], settings=GenerationSettings(max_new_tokens=3))
+    answers = [q["answers"]["tiny"] for q in report["questions"]]
+    assert [a["rouge_l"] is None for a in answers] == [True, False, True]
+    assert [a["ref_perplexity"] is None for a in answers] == [True, False, True]
+    pair = report["comparisons"][0]["metrics"]
+    assert "keyword_match" in pair and pair["keyword_match"]["n"] == 3
+    assert "rouge_l" not in pair  # one question with a reference is too few for statistics
+    paths = write_reports(report, tmp_path / "r.json")
+    rouge_row = next(line for line in paths["markdown"].read_text().splitlines() if line.startswith("| rouge_l |"))
+    assert "n/a" not in rouge_row  # the mean over the one question that has a reference

@@ -111,22 +111,25 @@ def register_dataset(name: str, data_path: Path, description: str = "", registry
 
 
 # ------------------------------------------------------------------------------- loading
-def load_examples(specs: Sequence[str], split: str | None = None) -> list[Example]:
-    """Load and concatenate sources: built-in names, registered names, or files; optionally one split."""
+def load_examples(specs: Sequence[str], split: str | None = None, questions: bool = False) -> list[Example]:
+    """Load and concatenate sources: built-in names, registered names, or files; optionally one split.
+
+    questions=True loads evaluation questions, whose reference answer (output) may be missing.
+    """
     if not specs:
         raise UsageError("no data given: pass --data banking (built-in) or --data FILE.jsonl")
     registry = None
     examples: list[Example] = []
     for spec in specs:
         if spec in BUILTIN:
-            examples += load_file(builtin_path(spec), shown=spec)
+            examples += load_file(builtin_path(spec), shown=spec, questions=questions)
             continue
         if not Path(spec).exists():
             registry = read_registry() if registry is None else registry
             if spec in registry:
-                examples += load_file(Path(registry[spec]["path"]))
+                examples += load_file(Path(registry[spec]["path"]), questions=questions)
                 continue
-        examples += load_file(Path(spec), shown=spec)
+        examples += load_file(Path(spec), shown=spec, questions=questions)
     if split is not None:
         if split not in SPLITS:
             raise UsageError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
@@ -134,7 +137,7 @@ def load_examples(specs: Sequence[str], split: str | None = None) -> list[Exampl
     return examples
 
 
-def load_file(path: Path, shown: str | None = None) -> list[Example]:
+def load_file(path: Path, shown: str | None = None, questions: bool = False) -> list[Example]:
     shown = shown or str(path)
     if not path.is_file():
         names = ", ".join(BUILTIN)
@@ -150,7 +153,7 @@ def load_file(path: Path, shown: str | None = None) -> list[Example]:
         records = _csv_records(text, shown, "\t" if suffix == ".tsv" else ",")
     else:
         records = _json_records(text, shown)
-    examples = [_to_example(record, f"{shown}:{line}") for line, record in records]
+    examples = [_to_example(record, f"{shown}:{line}", questions) for line, record in records]
     if not examples:
         raise UsageError(f"{shown} holds no examples; add records with instruction and output fields")
     return examples
@@ -211,11 +214,17 @@ def _csv_records(text: str, shown: str, delimiter: str) -> list[tuple[int, objec
     return records
 
 
-def _to_example(record: object, where: str) -> Example:
+def _to_example(record: object, where: str, questions: bool = False) -> Example:
     if not isinstance(record, dict):
         raise UsageError(f"{where}: expected an object with instruction and output fields, got {type(record).__name__}")
     if "messages" in record:
         return _chat_example(record, where)
+    if questions and not (record.get("output") or "").strip():
+        record = dict(record, output="")  # a question without a reference answer
+        _check_text_fields(record, where)
+        if "instruction" not in record or not record["instruction"].strip():
+            raise UsageError(f"{where}: field 'instruction' is missing or empty; write the question")
+        return _example(record, where, instruction=record["instruction"], output="")
     for name in ("instruction", "output"):
         if name not in record:
             raise UsageError(f"{where}: field '{name}' is missing; every example needs instruction and output (or messages)")

@@ -41,8 +41,8 @@ def score(example: Example, gen: Generation, ppl: float, rules: list[compliance.
         "completeness": complete.score,
         "completeness_parts": asdict(complete),
         "overall": metrics.overall(keyword, complete.score),
-        "rouge_l": metrics.rouge_l(gen.text, example.output),
-        "bleu4": metrics.bleu4(gen.text, example.output, example.language),
+        "rouge_l": metrics.rouge_l(gen.text, example.output) if example.output else None,
+        "bleu4": metrics.bleu4(gen.text, example.output, example.language) if example.output else None,
         "ref_perplexity": ppl,
         "compliance_flags": compliance.flags(gen.text, example.category, rules),
         "response_seconds": round(gen.seconds, 3),
@@ -55,17 +55,24 @@ def score(example: Example, gen: Generation, ppl: float, rules: list[compliance.
 
 @torch.inference_mode()
 def reference_perplexity(model, tokenizer, examples: list[Example], batch_size: int) -> list[float]:
-    """exp(mean loss) of each reference answer given its question, teacher-forced."""
+    """exp(mean loss) of each reference answer given its question, teacher-forced (None without one)."""
     from banklora.train import answer_loss, collate
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[float] = []
-    for i in range(0, len(examples), batch_size):
-        encoded = [encode_conversation(tokenizer, e.conversation()) for e in examples[i : i + batch_size]]
+    with_reference = [e for e in examples if e.output]
+    values: list[float] = []
+    for i in range(0, len(with_reference), batch_size):
+        encoded = [encode_conversation(tokenizer, e.conversation()) for e in with_reference[i : i + batch_size]]
         batch = {k: v.to(device) for k, v in collate(encoded, pad).items()}
-        out += [math.exp(min(50.0, x)) for x in answer_loss(model, batch, per_example=True).tolist()]
-    return out
+        values += [math.exp(min(50.0, x)) for x in answer_loss(model, batch, per_example=True).tolist()]
+    it = iter(values)
+    return [next(it) if e.output else None for e in examples]
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def summarize(questions: list[dict], models: list[str]) -> dict:
@@ -73,8 +80,8 @@ def summarize(questions: list[dict], models: list[str]) -> dict:
     summary = {}
     for m in models:
         rows = [q["answers"][m] for q in questions]
-        s = {key: sum(r[key] for r in rows) / len(rows) for key, _ in QUALITY}
-        s.update({key: sum(r[key] for r in rows) / len(rows) for key in SPEED})
+        s = {key: _mean(r[key] for r in rows) for key, _ in QUALITY}  # None: no question had a reference
+        s.update({key: _mean(r[key] for r in rows) for key in SPEED})
         s["finished"] = sum(r["finished"] for r in rows)
         flags: dict[str, int] = {}
         for r in rows:
@@ -86,12 +93,13 @@ def summarize(questions: list[dict], models: list[str]) -> dict:
 
 
 def compare_pair(questions: list[dict], a: str, b: str) -> dict:
-    """Paired statistics of b against a, for every quality metric."""
+    """Paired statistics of b against a, for every quality metric (questions with a value for both)."""
     result = {"a": a, "b": b, "metrics": {}}
     for key, higher in QUALITY:
-        xs = [q["answers"][a][key] for q in questions]
-        ys = [q["answers"][b][key] for q in questions]
-        result["metrics"][key] = statistics.paired(xs, ys, higher, key).to_dict()
+        pairs = [(q["answers"][a][key], q["answers"][b][key]) for q in questions]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        if len(pairs) >= 2:  # reference metrics need questions with reference answers
+            result["metrics"][key] = statistics.paired([x for x, _ in pairs], [y for _, y in pairs], higher, key).to_dict() | {"n": len(pairs)}
     return result
 
 
@@ -118,7 +126,7 @@ def run_compare(
             if not is_adapter_dir(p):
                 raise UsageError(f"--peft-model-path {p} is not a LoRA adapter directory (no adapter_config.json)")
         loaded = load(paths[0], base_model=base_model, more_adapters=tuple(paths[1:]))
-    examples = load_examples(list(questions), split=split)[:limit]
+    examples = load_examples(list(questions), split=split, questions=True)[:limit]
     if not examples:
         raise UsageError(f"no questions in {', '.join(questions)}" + (f" with split {split}" if split else ""))
     prompts = [encode_prompt(loaded.tokenizer, e.instruction, e.input) for e in examples]
@@ -181,15 +189,17 @@ def gate(report: dict, fail_below: dict[str, float], fail_on_regression: bool) -
     for name in report["models"][1:]:
         for key, threshold in fail_below.items():
             value = report["summary"][name][key]
-            if value < threshold:
+            if value is None:
+                reasons.append(f"{name}: no question has a reference answer, so --fail-below {key} cannot be checked")
+            elif value < threshold:
                 reasons.append(f"{name}: mean {key} {value:.4f} is below --fail-below {key}={threshold}")
     if fail_on_regression:
         for c in report["comparisons"]:
             if c["a"] != "base":
                 continue
             for key, higher in QUALITY:
-                s = c["metrics"][key]
-                if s["significant"] and (s["mean_delta"] > 0) != higher:
+                s = c["metrics"].get(key)
+                if s and s["significant"] and (s["mean_delta"] > 0) != higher:
                     reasons.append(f"{c['b']} is significantly worse than base on {key} ({s['verdict']})")
     return reasons
 
@@ -226,8 +236,8 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
             str(i), q["category"], _clip(q["question"], 22), *[f"{a[m]['overall']:.2f}" for m in models],
             f"[{style}]{delta:+.2f}[/]" if style else f"{delta:+.2f}",
             f"{a['base']['keyword_match']:.2f}→{a[last]['keyword_match']:.2f}",
-            f"{a['base']['rouge_l']:.2f}→{a[last]['rouge_l']:.2f}",
-            f"{a['base']['ref_perplexity']:.1f}→{a[last]['ref_perplexity']:.1f}",
+            f"{_fmt(a['base']['rouge_l'], '.2f')}→{_fmt(a[last]['rouge_l'], '.2f')}",
+            f"{_fmt(a['base']['ref_perplexity'], '.1f')}→{_fmt(a[last]['ref_perplexity'], '.1f')}",
         )
     console.print(table)
     if show_answers:
@@ -241,7 +251,7 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
     for m in models:
         means.add_column(m, justify="right")
     for key in [k for k, _ in QUALITY] + list(SPEED):
-        means.add_row(key, *[f"{report['summary'][m][key]:.3f}" for m in models])
+        means.add_row(key, *[_fmt(report["summary"][m][key], ".3f") for m in models])
     means.add_row("compliance flags", *[str(sum(report["summary"][m]["compliance_flags"].values())) for m in models])
     console.print(means)
     for c in report["comparisons"]:
@@ -252,6 +262,10 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
             stats.add_row(key, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
                           f"{s['wins']}/{s['ties']}/{s['losses']}", "significant" if s["significant"] else "not significant")
         console.print(stats)
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _clip(text: str, n: int) -> str:

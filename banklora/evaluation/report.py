@@ -36,7 +36,7 @@ def markdown(report: dict) -> str:
              + (f", split {report['split']}" if report["split"] else "") + f"); greedy, {report['generation']['max_new_tokens']} new tokens; base model {report['base_model']['name']}.", "",
              "## Means per model", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for key, _ in QUALITY:
-        lines.append(f"| {key} | " + " | ".join(f"{report['summary'][m][key]:.3f}" for m in models) + " |")
+        lines.append(f"| {key} | " + " | ".join(_fmt(report["summary"][m][key], ".3f") for m in models) + " |")
     lines.append("| compliance flags | " + " | ".join(str(sum(report["summary"][m]["compliance_flags"].values())) for m in models) + " |")
     for c in report["comparisons"]:
         lines += ["", f"## {c['b']} vs {c['a']}", "", "| metric | mean Δ | 95% CI | p | win/tie/loss |", "|---|---:|---:|---:|---:|"]
@@ -44,6 +44,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {key} | {s['mean_delta']:+.3f} | [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] | {s['p_value']:.3g} | {s['wins']}/{s['ties']}/{s['losses']} |")
         lines += [""] + [f"- {s['verdict']}" for s in c["metrics"].values()]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _png(fig) -> str:
@@ -112,7 +116,7 @@ img{max-width:100%;display:block;margin:8px 0}
 greedy, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.base_model.name }}, {{ report.created_at }}.</p>
 <h2>Means per model</h2>
 <table id="means"><tr><th>metric</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
-{% for key in quality %}<tr><td class="text">{{ key }}</td>{% for m in models %}<td>{{ "%.3f"|format(report.summary[m][key]) }}</td>{% endfor %}</tr>{% endfor %}
+{% for key in quality %}<tr><td class="text">{{ key }}</td>{% for m in models %}<td>{{ fmt(report.summary[m][key], ".3f") }}</td>{% endfor %}</tr>{% endfor %}
 <tr><td class="text">compliance flags</td>{% for m in models %}<td>{{ report.summary[m].compliance_flags.values()|sum }}</td>{% endfor %}</tr></table>
 {% for c in report.comparisons %}<h2>{{ c.b }} vs {{ c.a }}</h2>
 <table class="stats"><tr><th>metric</th><th>mean Δ</th><th>95% CI</th><th>p (Wilcoxon)</th><th>win/tie/loss</th><th>finding</th></tr>
@@ -127,7 +131,7 @@ greedy, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.
 <table id="questions"><tr><th>#</th><th>category</th><th>question</th>{% for m in models %}<th>{{ m }} answer</th><th>overall</th><th>ROUGE-L</th>{% endfor %}</tr>
 {% for q in questions %}<tr><td>{{ loop.index }}</td><td class="text">{{ q.category }}</td><td class="text">{{ q.question }}</td>
 {% for m in models %}{% set a = q.answers[m] %}<td class="text">{{ a.answer[:300] }}{% if a.compliance_flags %} <span class="bad">[{{ a.compliance_flags|join(", ") }}]</span>{% endif %}</td>
-<td>{{ "%.2f"|format(a.overall) }}</td><td>{{ "%.2f"|format(a.rouge_l) }}</td>{% endfor %}</tr>{% endfor %}</table>
+<td>{{ "%.2f"|format(a.overall) }}</td><td>{{ fmt(a.rouge_l, ".2f") }}</td>{% endfor %}</tr>{% endfor %}</table>
 </body></html>
 """
 
@@ -137,4 +141,4 @@ def html(report: dict) -> str:
 
     template = Environment(autoescape=True).from_string(_TEMPLATE)
     return template.render(report=report, models=report["models"], questions=report["questions"],
-                           quality=[k for k, _ in QUALITY], charts=charts(report))
+                           quality=[k for k, _ in QUALITY], charts=charts(report), fmt=_fmt)

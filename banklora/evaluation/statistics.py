@@ -23,7 +23,8 @@ class PairedStats:
     verdict: str  # the finding in words
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        # p-values keep their magnitude (1e-11 is not 0); the rest are rounded for reading
+        return {k: (round(v, 6) if isinstance(v, float) and k != "p_value" else v) for k, v in asdict(self).items()}
 
 
 def bootstrap_ci(deltas, resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
