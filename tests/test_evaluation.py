@@ -124,6 +124,8 @@ def test_reports_hold_every_number(html_report):
             assert {"answer", "keyword_match", "completeness", "overall", "rouge_l", "bleu4", "ref_perplexity",
                     "compliance_flags", "response_seconds", "first_token_seconds", "tokens_per_second"} <= set(a)
             assert a["ref_perplexity"] > 1
+        delta = q["deltas_vs_base"]["tiny"]
+        assert delta["rouge_l"] == pytest.approx(q["answers"]["tiny"]["rouge_l"] - q["answers"]["base"]["rouge_l"], abs=1e-6)
     md = paths["markdown"].read_text()
     assert "## tiny vs base" in md and "| rouge_l |" in md and "95% CI" in md
     html = paths["html"].read_text()

@@ -149,6 +149,12 @@ def run_compare(
             "keywords": list(e.keywords), "reference": e.output,
             "answers": {m: score(e, gens[m][i], ppls[m][i], rules) for m in models},
         })
+        base = rows[-1]["answers"]["base"]
+        rows[-1]["deltas_vs_base"] = {  # per-question deltas, adapter minus base
+            m: {k: None if rows[-1]["answers"][m][k] is None or base[k] is None else round(rows[-1]["answers"][m][k] - base[k], 6)
+                for k, _ in QUALITY}
+            for m in models[1:]
+        }
     pairs = [("base", name) for name in loaded.adapter_names]
     pairs += [(a, b) for i, a in enumerate(loaded.adapter_names) for b in loaded.adapter_names[i + 1 :]]
     return {
