@@ -127,6 +127,13 @@ def load_train_settings(config_file: Path | None, overrides: dict) -> TrainSetti
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"--config {config_file}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    for key in ("lr", "epochs", "warmup_cap", "weight_decay", "max_grad_norm"):
+        # YAML reads "1e-3" (no dot) as a string; accept it as the number it is meant to be.
+        if isinstance(values.get(key), str):
+            try:
+                values[key] = float(values[key])
+            except ValueError as exc:
+                raise UsageError(f"--config {config_file}: {key} must be a number (got {values[key]!r})") from exc
     lora = dict(values.pop("lora", None) or {})
     lora.update(overrides.pop("lora", {}))
     values.update({k: v for k, v in overrides.items() if v is not None})

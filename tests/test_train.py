@@ -136,3 +136,36 @@ def test_train_split_trains_and_validation_split_is_scored_each_epoch(tiny_base,
     assert len(meta["loss_per_step"]) == 4  # 6 train examples / batch 3 x 2 epochs: test never trained on
     assert [v["step"] for v in meta["validation_loss"]] == [2, 4]
     assert all(v["loss"] > 0 for v in meta["validation_loss"])
+
+
+@pytest.mark.parametrize("name", ["seed", "cpu_quick", "gpu"])
+def test_config_recipes_load_and_open_with_their_command(name):
+    from pathlib import Path
+
+    from banklora.config import load_train_settings
+
+    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    assert path.read_text().splitlines()[0] == f"# banklora train --config configs/{name}.yaml"
+    settings = load_train_settings(path, {"epochs": 1.0, "lora": {"r": 4}})  # flags override the file
+    assert settings.epochs == 1.0 and settings.lora.r == 4
+    if name == "seed":
+        plain = TrainSettings()
+        assert load_train_settings(path, {}).to_dict() == plain.to_dict()  # the seed recipe is the defaults
+
+
+def test_config_errors_are_sentences(tmp_path):
+    from banklora.config import load_train_settings
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 2\nlearning_rate: 1e-3\n")
+    with pytest.raises(UsageError, match=r"unknown setting\(s\) \['learning_rate'\]"):
+        load_train_settings(bad, {})
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 1e-3\n")  # YAML reads this as a string
+    assert load_train_settings(good, {}).lr == 1e-3
+    bad.write_text("lr: fast\n")
+    with pytest.raises(UsageError, match="lr must be a number"):
+        load_train_settings(bad, {})
+    bad.write_text("batch_size: 0\n")
+    with pytest.raises(UsageError, match="--batch-size must be positive"):
+        load_train_settings(bad, {})
