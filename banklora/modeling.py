@@ -50,9 +50,20 @@ class Loaded:
 
 def resolve_base(spec: str) -> BaseModelInfo:
     """Find a base model: the embedded name, a local HF checkpoint directory, or a hub id."""
+    path = base_path(spec)
+    manifest = basemodel.read_manifest(path)
+    if manifest is not None:  # the embedded model: hashed once, at conversion
+        sha = manifest["weights_sha256"]
+    else:
+        sha = basemodel.combine_digests([basemodel.sha256_file(w) for w in sorted(path.glob("*.safetensors"))])
+    name = basemodel.EMBEDDED_NAME if spec in (basemodel.EMBEDDED_NAME, "embedded") else spec
+    return BaseModelInfo(name, path, sha)
+
+
+def base_path(spec: str) -> Path:
+    """The local directory of a base model (converting or downloading it if needed), checked."""
     if spec in (basemodel.EMBEDDED_NAME, "embedded"):
-        path = basemodel.embedded_checkpoint()
-        return BaseModelInfo(basemodel.EMBEDDED_NAME, path, basemodel.read_manifest(path)["weights_sha256"])
+        return basemodel.embedded_checkpoint()
     path = Path(spec).expanduser()
     if not path.exists():
         if not _looks_like_hub_id(spec):
@@ -60,15 +71,18 @@ def resolve_base(spec: str) -> BaseModelInfo:
         path = _download(spec)
     if not (path / "config.json").is_file():
         raise UsageError(f"--base-model {spec}: {path} has no config.json; point it at a Hugging Face checkpoint directory")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
+    if not any(path.glob("*.safetensors")):
         raise UsageError(f"--base-model {spec}: {path} has no .safetensors weights; banklora loads safetensors only (no pickle files)")
-    manifest = basemodel.read_manifest(path)
-    if manifest is not None:
-        sha = manifest["weights_sha256"]
-    else:
-        sha = basemodel._combine([basemodel.sha256_file(w) for w in weights])
-    return BaseModelInfo(spec, path.resolve(), sha)
+    return path.resolve()
+
+
+def load_tokenizer(base_model: str | None = None):
+    """The tokenizer of a base model, without loading (or hashing) its weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path(base_model or basemodel.EMBEDDED_NAME))
+    tokenizer.chat_template = tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
+    return tokenizer
 
 
 def _looks_like_hub_id(spec: str) -> bool:

@@ -54,6 +54,13 @@ def test_user_file_replaces_or_extends(tmp_path):
         ("bad.json", '[{"instruction": "a",\n "output": }]', "bad.json:2: not valid JSON"),
         ("scalar.json", '"just text"', "scalar.json:1: expected a JSON list"),
         ("none.jsonl", "\n\n", "holds no examples"),
+        ("faq.csv", "instruction,input,output\n问一,,答一\n问二,背景,\n", "faq.csv:3: field 'output' is empty"),
+        ("faq.tsv", "question\toutput\n问\t答\n", "faq.tsv:1: header lacks column(s) ['instruction']"),
+        ("wide.csv", "instruction,output\n问,答,多余\n", "wide.csv:2: more fields than the header"),
+        ("chat.jsonl", '{"messages": [{"role": "user", "content": "问"}, {"role": "user", "content": "又问"}]}\n', "chat.jsonl:1: field 'messages[1].role' is 'user'; expected 'assistant'"),
+        ("chat2.jsonl", '{"messages": [{"role": "user", "content": "问"}]}\n', "chat2.jsonl:1: field 'messages' must end with an assistant turn"),
+        ("chat3.jsonl", '{"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}, {"role": "system", "content": "x"}]}\n', "messages[2]': a system message may only come first"),
+        ("split.jsonl", '{"instruction": "a", "output": "b", "split": "dev"}\n', "split.jsonl:1: field 'split' must be one of train, validation, test"),
     ],
 )
 def test_bad_data_names_file_line_and_field(tmp_path, name, content, expected):
@@ -68,26 +75,6 @@ def test_bad_data_names_file_line_and_field(tmp_path, name, content, expected):
 def test_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(UsageError, match="does not exist; pass a JSON, JSONL, CSV or TSV file, a built-in set"):
         load_examples([str(tmp_path / "nope.json")])
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "expected"),
-    [
-        ("faq.csv", "instruction,input,output\n问一,,答一\n问二,背景,\n", "faq.csv:3: field 'output' is empty"),
-        ("faq.tsv", "question\toutput\n问\t答\n", "faq.tsv:1: header lacks column(s) ['instruction']"),
-        ("wide.csv", "instruction,output\n问,答,多余\n", "wide.csv:2: more fields than the header"),
-        ("chat.jsonl", '{"messages": [{"role": "user", "content": "问"}, {"role": "user", "content": "又问"}]}\n', "chat.jsonl:1: field 'messages[1].role' is 'user'; expected 'assistant'"),
-        ("chat2.jsonl", '{"messages": [{"role": "user", "content": "问"}]}\n', "chat2.jsonl:1: field 'messages' must end with an assistant turn"),
-        ("chat3.jsonl", '{"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}, {"role": "system", "content": "x"}]}\n', "messages[2]': a system message may only come first"),
-        ("split.jsonl", '{"instruction": "a", "output": "b", "split": "dev"}\n', "split.jsonl:1: field 'split' must be one of train, validation, test"),
-    ],
-)
-def test_bad_csv_and_chat_data_names_file_line_and_field(tmp_path, name, content, expected):
-    path = tmp_path / name
-    path.write_text(content)
-    with pytest.raises(UsageError) as err:
-        load_examples([str(path)])
-    assert expected in str(err.value)
 
 
 def test_csv_tsv_and_chat_records_load(tmp_path):

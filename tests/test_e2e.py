@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from conftest import run_cli
 
 from banklora.config import GenerationSettings, TrainSettings

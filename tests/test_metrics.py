@@ -3,7 +3,6 @@
 import pytest
 
 from banklora.evaluation import metrics
-from banklora.evaluation.compare import summarize
 
 KEYWORDS = ["身份证", "网点", "密码", "挂失"]
 

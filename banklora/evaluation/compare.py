@@ -242,8 +242,8 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
             str(i), q["category"], _clip(q["question"], 22), *[f"{a[m]['overall']:.2f}" for m in models],
             f"[{style}]{delta:+.2f}[/]" if style else f"{delta:+.2f}",
             f"{a['base']['keyword_match']:.2f}→{a[last]['keyword_match']:.2f}",
-            f"{_fmt(a['base']['rouge_l'], '.2f')}→{_fmt(a[last]['rouge_l'], '.2f')}",
-            f"{_fmt(a['base']['ref_perplexity'], '.1f')}→{_fmt(a[last]['ref_perplexity'], '.1f')}",
+            f"{fmt(a['base']['rouge_l'], '.2f')}→{fmt(a[last]['rouge_l'], '.2f')}",
+            f"{fmt(a['base']['ref_perplexity'], '.1f')}→{fmt(a[last]['ref_perplexity'], '.1f')}",
         )
     console.print(table)
     if show_answers:
@@ -257,7 +257,7 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
     for m in models:
         means.add_column(m, justify="right")
     for key in [k for k, _ in QUALITY] + list(SPEED):
-        means.add_row(key, *[_fmt(report["summary"][m][key], ".3f") for m in models])
+        means.add_row(key, *[fmt(report["summary"][m][key], ".3f") for m in models])
     means.add_row("compliance flags", *[str(sum(report["summary"][m]["compliance_flags"].values())) for m in models])
     console.print(means)
     for c in report["comparisons"]:
@@ -270,7 +270,8 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
         console.print(stats)
 
 
-def _fmt(value, spec: str) -> str:
+def fmt(value, spec: str) -> str:
+    """A metric for people: "n/a" where it could not be computed (no reference answer)."""
     return "n/a" if value is None else format(value, spec)
 
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from banklora.data.stats import CATEGORY_EN
-from banklora.evaluation.compare import QUALITY
+from banklora.evaluation.compare import QUALITY, fmt
 from banklora.modeling import atomic_write_text
 
 COLORS = ("#7f8c8d", "#2e86de", "#27ae60", "#e67e22", "#8e44ad")
@@ -36,7 +36,7 @@ def markdown(report: dict) -> str:
              + (f", split {report['split']}" if report["split"] else "") + f"); greedy, {report['generation']['max_new_tokens']} new tokens; base model {report['base_model']['name']}.", "",
              "## Means per model", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for key, _ in QUALITY:
-        lines.append(f"| {key} | " + " | ".join(_fmt(report["summary"][m][key], ".3f") for m in models) + " |")
+        lines.append(f"| {key} | " + " | ".join(fmt(report["summary"][m][key], ".3f") for m in models) + " |")
     lines.append("| compliance flags | " + " | ".join(str(sum(report["summary"][m]["compliance_flags"].values())) for m in models) + " |")
     for c in report["comparisons"]:
         lines += ["", f"## {c['b']} vs {c['a']}", "", "| metric | mean Δ | 95% CI | p | win/tie/loss |", "|---|---:|---:|---:|---:|"]
@@ -44,10 +44,6 @@ def markdown(report: dict) -> str:
             lines.append(f"| {key} | {s['mean_delta']:+.3f} | [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] | {s['p_value']:.3g} | {s['wins']}/{s['ties']}/{s['losses']} |")
         lines += [""] + [f"- {s['verdict']}" for s in c["metrics"].values()]
     return "\n".join(lines) + "\n"
-
-
-def _fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def _png(fig) -> str:
@@ -141,4 +137,4 @@ def html(report: dict) -> str:
 
     template = Environment(autoescape=True).from_string(_TEMPLATE)
     return template.render(report=report, models=report["models"], questions=report["questions"],
-                           quality=[k for k, _ in QUALITY], charts=charts(report), fmt=_fmt)
+                           quality=[k for k, _ in QUALITY], charts=charts(report), fmt=fmt)
