@@ -197,23 +197,42 @@ def train(
     lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank [8].")] = None,
     lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha [32].")] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout [0.1].")] = None,
+    lora_targets: Annotated[Optional[str], typer.Option(help="Comma-separated linear layers to adapt [q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj].")] = None,
+    rslora: Annotated[Optional[bool], typer.Option("--rslora", help="rsLoRA: scale by alpha/sqrt(r), for high ranks.")] = None,
+    dora: Annotated[Optional[bool], typer.Option("--dora", help="DoRA: weight-decomposed LoRA (slower steps).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="4bit = QLoRA (CUDA + bitsandbytes: pip install 'banklora[qlora]').")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Validation loss every N steps too (0 = epoch ends only) [0].")] = None,
+    early_stopping_patience: Annotated[Optional[int], typer.Option(help="Stop after N validations without a new best [off].")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Resumable checkpoint every N steps (0 = only on Ctrl-C) [50].")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Newest checkpoints kept [2].")] = None,
+    checkpoint_dir: Annotated[Optional[str], typer.Option(help="Checkpoints and metrics while training [<output-dir>-checkpoints].")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue an interrupted run exactly from its newest checkpoint (--no-resume: discard its checkpoints).")] = None,
     strict: Annotated[Optional[bool], typer.Option("--strict", help="Fail instead of dropping duplicates and over-long examples.")] = None,
     redact: Annotated[Optional[bool], typer.Option("--redact", help="Mask personal data in the training data instead of refusing it.")] = None,
 ) -> None:
-    """Train a LoRA adapter on the train split (validation loss on the validation split)."""
-    from banklora.config import load_train_settings
+    """Train a LoRA adapter on the train split (validation loss on the validation split).
+
+    Runs in one process, or on several with `torchrun --nproc_per_node N -m banklora train ...`
+    or `accelerate launch -m banklora train ...` (DDP; DeepSpeed / FSDP with configs/accelerate/).
+    """
+    from banklora.train import resolve_settings
     from banklora.train import train as run_train
 
-    lora = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout)) if v is not None}
-    settings = load_train_settings(config, dict(
+    lora = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout), ("target_modules", lora_targets),
+                              ("use_rslora", rslora), ("use_dora", dora)) if v is not None}
+    settings = resolve_settings(config, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, output_dir=output_dir,
         base_model=base_model, data=tuple(data) if data else None, seed=seed, dtype=dtype, max_steps=max_steps, lora=lora,
-        strict=strict, redact=redact,
-    ))
-    result = run_train(settings)
+        quantize=quantize, eval_every=eval_every, early_stopping_patience=early_stopping_patience, save_every=save_every,
+        keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir, strict=strict, redact=redact,
+    ), resume)
+    result = run_train(settings, resume=resume)
+    finite = [x for x in result.losses if x is not None]
+    best = result.meta.get("best_validation")
     console.print(
-        f"adapter: {result.output_dir}  loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} over {len(result.losses)} steps, "
+        f"adapter: {result.output_dir}  loss {finite[0]:.3f} -> {finite[-1]:.3f} over {len(result.losses)} steps, "
         f"{result.wall_seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s"
+        + (f"\nbest validation loss {best['loss']:.4f} at step {best['step']}: {result.output_dir}/best" if best else "")
     )
 
 
@@ -320,8 +339,15 @@ def quickstart(
     console.rule("[bold]1/3 data")
     data_stats(data=["banking-seed"], split=None, base_model=None, max_length=512, plot=None)
     console.rule("[bold]2/3 train")
-    train(output_dir=output_dir, epochs=epochs, lr=lr, max_steps=max_steps, data=["banking-seed"], **dict.fromkeys(
-        ("config", "batch_size", "max_length", "base_model", "seed", "dtype", "lora_r", "lora_alpha", "lora_dropout", "strict", "redact")))
+    from banklora import checkpoint
+    from banklora.config import TrainSettings
+
+    # an interrupted quickstart continues where it stopped
+    resume = True if checkpoint.latest(TrainSettings(output_dir=output_dir).checkpoints) else None
+    train(output_dir=output_dir, epochs=epochs, lr=lr, max_steps=max_steps, data=["banking-seed"], resume=resume, **dict.fromkeys(
+        ("config", "batch_size", "max_length", "base_model", "seed", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+         "rslora", "dora", "quantize", "eval_every", "early_stopping_patience", "save_every", "keep_checkpoints", "checkpoint_dir",
+         "strict", "redact")))
     console.rule("[bold]3/3 compare")
     compare(peft_model_path=[output_dir], questions=None, split=None, max_new_tokens=160, batch_size=8, limit=None, report=None,
             base_model=None, compliance_rules=None, fail_below=None, fail_on_regression=False, answers=True)

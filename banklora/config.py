@@ -25,11 +25,22 @@ class LoraSettings:
     dropout: float = 0.1
     bias: str = "none"
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    """Linear layers that get adapters (names inside each decoder layer)."""
+    use_rslora: bool = False
+    """rsLoRA: scale by alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning."""
+    use_dora: bool = False
+    """DoRA: learn a magnitude per output feature besides the direction; ~2x slower steps."""
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
+        if isinstance(self.target_modules, str):
+            self.target_modules = [t.strip() for t in self.target_modules.split(",")]
+        self.target_modules = tuple(t for t in self.target_modules if t)
+        if not self.target_modules:
+            raise UsageError("--lora-targets needs at least one module name, e.g. q_proj,v_proj")
         if self.r < 1:
             raise UsageError(f"--lora-r must be at least 1 (got {self.r})")
+        if self.alpha <= 0:
+            raise UsageError(f"--lora-alpha must be positive (got {self.alpha})")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--lora-dropout must be in [0, 1) (got {self.dropout})")
         if self.bias not in ("none", "all", "lora_only"):
@@ -62,6 +73,22 @@ class TrainSettings:
     """Fail instead of dropping duplicates and over-long examples."""
     redact: bool = False
     """Mask personal data (ID, card and mobile numbers, e-mail) instead of refusing to train."""
+    quantize: str | None = None
+    """"4bit" = QLoRA: the frozen base in 4-bit NF4 (CUDA + bitsandbytes only), adapters in bf16."""
+    eval_every: int = 0
+    """Validation loss every N steps as well as at each epoch end; 0 = epoch ends only."""
+    early_stopping_patience: int | None = None
+    """Stop after this many validations in a row without a new best; None = never stop early."""
+    early_stopping_min_delta: float = 0.0
+    """A validation loss must beat the best by more than this to count as better."""
+    save_every: int = 50
+    """Write a resumable checkpoint every N steps; 0 = only on Ctrl-C."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept; older ones are deleted as new ones land."""
+    checkpoint_dir: str | None = None
+    """Checkpoints, metrics.jsonl and the best adapter while training [<output_dir>-checkpoints]."""
+    max_bad_steps: int = 5
+    """Non-finite loss or gradient norm skips the step; this many in a row abort the run."""
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
@@ -84,6 +111,24 @@ class TrainSettings:
             raise UsageError(f"--max-steps must be at least 1 (got {self.max_steps})")
         if not 0 <= self.warmup_cap <= 1:
             raise UsageError(f"warmup_cap must be in [0, 1] (got {self.warmup_cap})")
+        for flag, value in (("--eval-every", self.eval_every), ("--save-every", self.save_every)):
+            if value < 0:
+                raise UsageError(f"{flag} must be 0 (off) or a number of steps (got {value})")
+        if self.keep_checkpoints < 1:
+            raise UsageError(f"--keep-checkpoints must be at least 1 (got {self.keep_checkpoints})")
+        if self.max_bad_steps < 1:
+            raise UsageError(f"max_bad_steps must be at least 1 (got {self.max_bad_steps})")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise UsageError(f"--early-stopping-patience must be at least 1 (got {self.early_stopping_patience})")
+        if self.quantize not in (None, "4bit"):
+            raise UsageError(f"--quantize takes 4bit (QLoRA) or nothing (got {self.quantize!r})")
+        if self.quantize and self.dtype == "fp32":
+            raise UsageError("--quantize 4bit computes in bf16; drop --dtype fp32")
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where checkpoints, metrics.jsonl and the best adapter live while training."""
+        return Path(self.checkpoint_dir or f"{self.output_dir.rstrip('/')}-checkpoints")
 
     def warmup_for(self, total_steps: int) -> int:
         """The seed's warmup, capped to warmup_cap of the run."""
@@ -109,8 +154,17 @@ class GenerationSettings:
             raise UsageError(f"--top-p must be in (0, 1] (got {self.top_p})")
 
 
-def load_train_settings(config_file: Path | None, overrides: dict) -> TrainSettings:
-    """Defaults < YAML file < flags. `overrides` holds only the flags the user gave."""
+# Settings that may change when a run resumes: none of them moves the weights.
+RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "max_bad_steps", "eval_every",
+                               "early_stopping_patience", "early_stopping_min_delta"})
+
+
+def load_train_settings(config_file: Path | None, overrides: dict, base: dict | None = None) -> TrainSettings:
+    """Defaults < `base` (a checkpoint's settings, when resuming) < YAML file < flags.
+
+    `overrides` holds only the flags the user gave.
+    """
+    overrides = dict(overrides)
     values: dict = {}
     if config_file is not None:
         import yaml
@@ -127,15 +181,18 @@ def load_train_settings(config_file: Path | None, overrides: dict) -> TrainSetti
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"--config {config_file}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    for key in ("lr", "epochs", "warmup_cap", "weight_decay", "max_grad_norm"):
+    for key in ("lr", "epochs", "warmup_cap", "weight_decay", "max_grad_norm", "early_stopping_min_delta"):
         # YAML reads "1e-3" (no dot) as a string; accept it as the number it is meant to be.
         if isinstance(values.get(key), str):
             try:
                 values[key] = float(values[key])
             except ValueError as exc:
                 raise UsageError(f"--config {config_file}: {key} must be a number (got {values[key]!r})") from exc
-    lora = dict(values.pop("lora", None) or {})
+    base = dict(base or {})
+    lora = dict(base.pop("lora", None) or {})
+    lora.update(values.pop("lora", None) or {})
     lora.update(overrides.pop("lora", {}))
+    values = base | values
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainSettings(**values, lora=LoraSettings(**lora))

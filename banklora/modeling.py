@@ -142,6 +142,7 @@ def load(
     device: str | None = None,
     training: bool = False,
     more_adapters: tuple[str, ...] = (),
+    quantize: str | None = None,
 ) -> Loaded:
     """Load a base model, or base + adapter when `model_path` is an adapter directory.
 
@@ -150,6 +151,7 @@ def load(
     LoRA training (eager attention, as transformers recommends for Gemma 3).
     more_adapters are loaded beside the first, each checked against the same base; adapters are
     named after their directories (Loaded.adapter_names); model.set_adapter(name) switches.
+    quantize="4bit" loads the base in NF4 through bitsandbytes (QLoRA; CUDA only).
     """
     adapter_dir, meta = None, None
     if model_path is not None and is_adapter_dir(model_path):
@@ -171,12 +173,22 @@ def load(
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    extra = {}
+    if quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        torch_dtype = torch.bfloat16
+        extra = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=torch.bfloat16), "device_map": {"": dev}}
     model = AutoModelForCausalLM.from_pretrained(
         base.path,
         dtype=torch_dtype,
         use_safetensors=True,
         attn_implementation="eager" if training else "sdpa",
-    ).to(dev)
+        **extra,
+    )
+    if not quantize:
+        model = model.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base.path)
     if not tokenizer.chat_template:
         tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
@@ -231,9 +243,10 @@ def _check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) ->
         )
 
 
-def save_adapter(model, tokenizer, output_dir: Path, meta: dict) -> Path:
+def save_adapter(model, tokenizer, output_dir: Path, meta: dict, extras: dict[str, Path] | None = None) -> Path:
     """Write adapter + tokenizer + metadata to a temporary directory, then rename into place.
 
+    extras: {name: file or directory} copied in as well (metrics, loss curve, the best adapter).
     A crash at any point leaves either the previous adapter or the new one, never half of one.
     """
     output_dir = Path(output_dir)
@@ -249,6 +262,8 @@ def save_adapter(model, tokenizer, output_dir: Path, meta: dict) -> Path:
         tokenizer.chat_template = tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=_json_default))
+        for name, source in (extras or {}).items():
+            (shutil.copytree if Path(source).is_dir() else shutil.copy2)(source, tmp / name)
         if output_dir.exists():
             output_dir.rename(old)
         try:

@@ -75,7 +75,8 @@ def test_metadata_records_base_data_settings_and_losses(tiny_adapter, tiny_base)
     base = load(str(tiny_base)).base
     assert meta["base_model"]["sha256"] == base.sha256
     assert meta["lora"] == {"r": 8, "alpha": 32, "dropout": 0.1, "bias": "none",
-                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                            "use_rslora": False, "use_dora": False}
     assert meta["training"]["steps"] == 3 and len(meta["loss_per_step"]) == 3
     assert meta["dataset"]["examples"] == 360 and len(meta["dataset"]["sha256"]) == 64
     assert meta["dataset"]["used_per_split"] == {"train": 240, "validation": 48, "test": 72}

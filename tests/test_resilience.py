@@ -1,0 +1,178 @@
+"""Training as a dependable tool, on the tiny Gemma3: exact resume, Ctrl-C, guards, best adapter, LoRA options."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from banklora import checkpoint
+from banklora.config import LoraSettings, TrainSettings
+from banklora.errors import BankloraError, UsageError
+from banklora.modeling import META_FILE, load
+from banklora.train import TrainingInterrupted, train
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """6 training and 2 validation pairs: 3 steps per epoch at batch 2."""
+    records = [{"instruction": f"问题{i}：如何办理业务{i}？", "output": f"回答{i}：请携带身份证到网点办理，以银行最新公告为准。", "split": "train"} for i in range(6)]
+    records += [{"instruction": f"验证问题{i}", "output": f"验证回答{i}，请咨询客服。", "split": "validation"} for i in range(2)]
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def _settings(tiny_base, small_data, out, **kw):
+    values = dict(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(out), epochs=2, batch_size=2, lr=1e-2, save_every=2)
+    return TrainSettings(**(values | kw))
+
+
+def _weights(adapter):
+    return load_file(str(adapter / "adapter_model.safetensors"))
+
+
+def _interrupt_at(step):
+    """An on_step hook that presses Ctrl-C (a real SIGINT to this process) after `step`."""
+    def hook(state):
+        if state.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+    return hook
+
+
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_base, small_data, tmp_path):
+    # dropout 0.1 is on: the resumed run must also restore the random state, not only weights and optimizer
+    whole = train(_settings(tiny_base, small_data, tmp_path / "whole"), show_progress=False)
+
+    settings = _settings(tiny_base, small_data, tmp_path / "parts")
+    with pytest.raises(TrainingInterrupted, match=r"stopped at step 4 of 6.*--resume"):
+        train(settings, show_progress=False, on_step=_interrupt_at(4))
+    assert not (tmp_path / "parts").exists()  # no adapter before the run ends
+    assert [p.name for p in checkpoint.complete_checkpoints(settings.checkpoints)] == ["step-000002", "step-000004"]
+    # a crash's leftovers: a temporary directory and a step directory without its state file
+    (settings.checkpoints / ".step-000005.tmp-99").mkdir()
+    (settings.checkpoints / "step-000006").mkdir()
+    assert checkpoint.latest(settings.checkpoints).name == "step-000004"
+    with pytest.raises(UsageError, match="add --resume to continue it, or --no-resume"):
+        train(settings, show_progress=False)
+
+    resumed = train(settings, show_progress=False, resume=True)
+    assert resumed.losses == whole.losses  # the whole trajectory, to the digit
+    a, b = _weights(whole.output_dir), _weights(resumed.output_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights
+    assert resumed.meta["validation_loss"] == whole.meta["validation_loss"]
+    assert resumed.meta["training"]["resumed_at_step"] == 4
+    assert not settings.checkpoints.exists()  # a finished run's checkpoints are cleaned up
+
+
+def test_resume_refuses_changed_settings_and_no_resume_starts_afresh(tiny_base, small_data, tmp_path):
+    settings = _settings(tiny_base, small_data, tmp_path / "run", max_steps=4)
+    with pytest.raises(TrainingInterrupted):
+        train(settings, show_progress=False, on_step=_interrupt_at(2))
+    changed = _settings(tiny_base, small_data, tmp_path / "run", max_steps=4, lr=5e-3)
+    with pytest.raises(UsageError, match=r"settings differ from the checkpoint's \(lr; e.g. lr was 0.01\)"):
+        train(changed, show_progress=False, resume=True)
+    fresh = train(changed, show_progress=False, resume=False)
+    assert fresh.meta["training"]["resumed_at_step"] is None and len(fresh.losses) == 4
+
+
+def test_ctrl_c_in_the_cli_writes_a_checkpoint_and_resume_finishes(tiny_base, small_data, tmp_path):
+    out = tmp_path / "adapter"
+    args = ["train", "--base-model", str(tiny_base), "--data", str(small_data), "--output-dir", str(out),
+            "--batch-size", "2", "--max-steps", "30", "--save-every", "0"]
+    env = dict(os.environ, COLUMNS="200", BANKLORA_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen([sys.executable, "-m", "banklora", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "adapter-checkpoints" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "stopped at step" in stderr
+    stopped = checkpoint.latest(tmp_path / "adapter-checkpoints")
+    step = checkpoint.TrainerState.read(stopped).step
+    assert 2 <= step < 30 and not out.exists()
+
+    # resume needs only the output directory: the other settings come from the checkpoint
+    changed = run_cli("train", "--output-dir", str(out), "--resume", "--lr", "0.5")
+    assert changed.returncode == 2 and "settings differ" in changed.stderr
+    done = run_cli("train", "--output-dir", str(out), "--resume", timeout=900)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["training"]["resumed_at_step"] == step and len(meta["loss_per_step"]) == 30
+
+
+def test_non_finite_steps_are_skipped_then_abort_with_no_adapter(tiny_base, small_data, tmp_path, monkeypatch):
+    import banklora.train as train_module
+
+    # one poisoned step is skipped and the run goes on
+    real, calls = train_module.token_losses, {"n": 0}
+
+    def poisoned(model, batch):
+        losses, keep = real(model, batch)
+        calls["n"] += 1
+        return (losses * float("nan") if calls["n"] == 2 else losses), keep
+
+    monkeypatch.setattr(train_module, "token_losses", poisoned)
+    result = train(_settings(tiny_base, small_data, tmp_path / "skip", max_steps=3, save_every=0), show_progress=False)
+    assert result.losses[1] is None and result.losses[0] is not None and result.losses[2] is not None
+    assert result.meta["training"]["skipped_steps"] == [2]
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in records if "loss" in r] == [None, "non-finite loss", None]
+    monkeypatch.undo()
+
+    # an absurd learning rate: every step after the first is non-finite; three in a row abort
+    out = tmp_path / "diverged"
+    with pytest.raises(BankloraError, match=r"diverged: 3 steps in a row.*lower --lr \(now 1e\+30\).*No adapter was written"):
+        train(_settings(tiny_base, small_data, out, lr=1e30, max_steps=10, max_bad_steps=3, save_every=0), show_progress=False)
+    assert not out.exists()
+
+
+def test_early_stopping_keeps_the_best_adapter_beside_the_last(tiny_base, small_data, tmp_path):
+    # min_delta 100: no validation after the first counts as better, so patience 2 stops at step 3
+    settings = _settings(tiny_base, small_data, tmp_path / "run", epochs=5, eval_every=1,
+                         early_stopping_patience=2, early_stopping_min_delta=100.0, save_every=0)
+    result = train(settings, show_progress=False)
+    meta = result.meta
+    assert meta["stopped_early"] is True and meta["training"]["steps_done"] == 3 and len(result.losses) == 3
+    assert [v["step"] for v in meta["validation_loss"]] == [1, 2, 3]
+    assert meta["best_validation"]["step"] == 1
+    best = result.output_dir / "best"
+    assert json.loads((best / META_FILE).read_text())["best"]["step"] == 1
+    last_w, best_w = _weights(result.output_dir), _weights(best)
+    assert any(not torch.equal(last_w[k], best_w[k]) for k in last_w)  # two different adapters
+    assert load(str(best)).adapter_path == best  # the best one loads like any adapter
+    assert (result.output_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["best"] for r in records if "validation_loss" in r] == [True, False, False]
+    assert all({"loss", "lr", "grad_norm", "tokens_per_second"} <= set(r) for r in records if "loss" in r)
+
+
+def test_rslora_and_dora_train_and_reload_with_plain_peft(tiny_base, small_data, tmp_path):
+    from peft import PeftConfig
+
+    for name, lora in (("rslora", LoraSettings(use_rslora=True)), ("dora", LoraSettings(use_dora=True, target_modules=("q_proj", "v_proj")))):
+        result = train(_settings(tiny_base, small_data, tmp_path / name, max_steps=1, save_every=0, lora=lora), show_progress=False)
+        config = PeftConfig.from_pretrained(str(result.output_dir))
+        assert config.use_rslora == (name == "rslora") and config.use_dora == (name == "dora")
+        keys = _weights(result.output_dir).keys()
+        if name == "dora":
+            assert any("lora_magnitude_vector" in k for k in keys)
+            assert {k.split(".")[-3] for k in keys if "lora_A" in k} == {"q_proj", "v_proj"}
+        load(str(result.output_dir))  # loads back through the one loader
+
+
+def test_lora_and_qlora_mistakes_are_sentences(tiny_base, small_data, tmp_path):
+    with pytest.raises(UsageError, match=r"--lora-targets: qkv_proj is not a linear layer of this model; choose from .*q_proj"):
+        train(_settings(tiny_base, small_data, tmp_path / "x", lora=LoraSettings(target_modules=("qkv_proj",))), show_progress=False)
+    result = run_cli("train", "--base-model", str(tiny_base), "--output-dir", str(tmp_path / "q"), "--quantize", "4bit")
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+    assert "--lora-alpha must be positive" in run_cli("train", "--lora-alpha", "0").stderr
