@@ -227,6 +227,8 @@ def train(
         keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir, strict=strict, redact=redact,
     ), resume)
     result = run_train(settings, resume=resume)
+    if not result.main_process:
+        return
     finite = [x for x in result.losses if x is not None]
     best = result.meta.get("best_validation")
     console.print(

@@ -243,10 +243,11 @@ def _check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) ->
         )
 
 
-def save_adapter(model, tokenizer, output_dir: Path, meta: dict, extras: dict[str, Path] | None = None) -> Path:
+def save_adapter(model, tokenizer, output_dir: Path, meta: dict, extras: dict[str, Path] | None = None, state_dict: dict | None = None) -> Path:
     """Write adapter + tokenizer + metadata to a temporary directory, then rename into place.
 
     extras: {name: file or directory} copied in as well (metrics, loss curve, the best adapter).
+    state_dict: the model's full state when it is sharded across processes (FSDP), else None.
     A crash at any point leaves either the previous adapter or the new one, never half of one.
     """
     output_dir = Path(output_dir)
@@ -255,10 +256,11 @@ def save_adapter(model, tokenizer, output_dir: Path, meta: dict, extras: dict[st
     old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad} if state_dict is None else {n: p for n, p in state_dict.items() if "lora_" in n}
+        bad = [n for n, p in tensors.items() if not torch.isfinite(p).all()]
         if bad:
             raise BankloraError(f"refusing to save: {len(bad)} adapter tensors hold NaN or inf (e.g. {bad[0]})")
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.chat_template = tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=_json_default))

@@ -55,6 +55,7 @@ class TrainResult:
     wall_seconds: float = 0.0
     tokens_per_second: float = 0.0
     meta: dict = field(default_factory=dict)
+    main_process: bool = True  # False on the other processes of a multi-process run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def train(settings: TrainSettings, show_progress: bool = True, resume: bool | No
 def _setup(settings: TrainSettings, resume: bool | None) -> _Run:
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: multi-process CPU runs use gloo
     main = accelerator.is_main_process
     if settings.quantize:
         _check_qlora(accelerator.device)
@@ -286,6 +287,15 @@ def _setup(settings: TrainSettings, resume: bool | None) -> _Run:
     torch.manual_seed(settings.seed + accelerator.process_index)  # dropout differs per process
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    engine = _engine(accelerator)
+    if engine == "deepspeed":
+        # no DataLoader goes through prepare(), so DeepSpeed is told the batch size directly
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = settings.batch_size
+    if engine and (resume or settings.save_every):
+        if resume:
+            raise UsageError(f"--resume works for single-process and DDP runs; {engine} shards the optimizer state banklora's checkpoints hold")
+        log.warning("%s run: resumable checkpoints are off (they cover single-process and DDP runs)", engine)
+        settings = dataclasses.replace(settings, save_every=0)
     module, optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
     global_batch = settings.batch_size * accelerator.num_processes
     steps_per_epoch = math.ceil(len(encoded) / global_batch)
@@ -308,6 +318,12 @@ def _setup(settings: TrainSettings, resume: bool | None) -> _Run:
         )
         _rewrite_metrics(ckdir / METRICS_FILE, state.step)
     return run
+
+
+def _engine(accelerator) -> str | None:
+    """"deepspeed" or "fsdp" when `accelerate launch` runs under one of them, else None (one process or DDP)."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind)
 
 
 def _check_qlora(device: torch.device) -> None:
@@ -362,12 +378,13 @@ def _fit(run: _Run, show_progress: bool, on_step) -> bool:
             totals = acc.reduce(torch.stack([loss_sum.detach(), n_tokens]), "sum") if world > 1 else torch.stack([loss_sum.detach(), n_tokens])
             loss = (totals[0] / totals[1].clamp(min=1)).item()
             # 3) backward and step, unless the loss or the gradient norm is not finite
-            grad_norm = float("nan")
+            grad_norm: float | None = float("nan")
             if math.isfinite(loss):
                 acc.backward(loss_sum * world / totals[1].clamp(min=1))  # DDP averages: x world gives the global mean's gradient
-                grad_norm = float(acc.clip_grad_norm_(trainable, s.max_grad_norm))
+                norm = acc.clip_grad_norm_(trainable, s.max_grad_norm)
+                grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
             lr = s.lr * _schedule(state.step, run.warmup, run.total)
-            if math.isfinite(loss) and math.isfinite(grad_norm):
+            if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 run.optimizer.step()
@@ -385,7 +402,7 @@ def _fit(run: _Run, show_progress: bool, on_step) -> bool:
             state.losses.append(round(loss, 6) if math.isfinite(loss) else None)
             if main:
                 record = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4), "loss": state.losses[-1],
-                          "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None, "lr": lr,
+                          "grad_norm": round(grad_norm, 6) if grad_norm is not None and math.isfinite(grad_norm) else None, "lr": lr,
                           "tokens": state.tokens, "tokens_per_second": round(rate, 1),
                           "elapsed_s": round(state.elapsed + time.perf_counter() - fit_start, 2)}
                 if bad_in_row:
@@ -496,18 +513,21 @@ def _save(run: _Run, wall: float, stopped_early: bool) -> TrainResult:
     rate = state.tokens / max(1e-9, state.elapsed)
     meta = _metadata(run, wall) | {"stopped_early": stopped_early}
     output = Path(s.output_dir)
+    full = acc.get_state_dict(run.module) if _engine(acc) == "fsdp" else None  # every process takes part in the gather
     if acc.is_main_process:
+        if full is not None:
+            full = {k.removeprefix("peft_model."): v for k, v in full.items()}
         curve = s.checkpoints / LOSS_CURVE
         plot_loss_curve(state.losses, state.validation, curve, title=f"{output.name}: loss per step")
         extras = {METRICS_FILE: s.checkpoints / METRICS_FILE, LOSS_CURVE: curve}
         if (s.checkpoints / BEST_DIR).is_dir():
             extras[BEST_DIR] = s.checkpoints / BEST_DIR
-        save_adapter(run.peft_model, run.loaded.tokenizer, output, meta, extras)
+        save_adapter(run.peft_model, run.loaded.tokenizer, output, meta, extras, state_dict=full)
         shutil.rmtree(s.checkpoints, ignore_errors=True)  # the run is complete: its checkpoints have served
         finite = [x for x in state.losses if x is not None]
         log.info("adapter saved to %s (loss %.4f -> %.4f, %.0f s)%s", output, finite[0] if finite else float("nan"),
                  finite[-1] if finite else float("nan"), wall, f"; best validation adapter in {output / BEST_DIR}" if state.best else "")
-    return TrainResult(output, state.losses, wall, rate, meta)
+    return TrainResult(output, state.losses, wall, rate, meta, acc.is_main_process)
 
 
 def plot_loss_curve(losses: list[float | None], validation: list[dict], path: Path, title: str) -> None:
