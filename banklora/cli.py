@@ -238,6 +238,47 @@ def train(
     )
 
 
+# --------------------------------------------------------------------------------------------- sweep
+@app.command()
+def sweep(
+    lora_r: Annotated[str, typer.Option(help="LoRA ranks to try, comma-separated.")] = "4,8,16",
+    lora_alpha: Annotated[str, typer.Option(help="LoRA alphas to try, comma-separated.")] = "16,32",
+    lr: Annotated[str, typer.Option(help="Peak learning rates to try, comma-separated.")] = "1e-4,2e-4",
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of the other settings (as for train).")] = None,
+    data: DataOpt = None,
+    base_model: BaseModelOpt = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data per setting [3].")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Steps per setting (quick sweeps).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per step [4].")] = None,
+    output_dir: Annotated[str, typer.Option(help="One adapter per setting goes under this directory, with sweep.json and sweep.md.")] = "outputs/sweep",
+) -> None:
+    """Train each (rank, alpha, lr) of a grid and rank them by validation loss; the best is marked."""
+    from rich.table import Table
+
+    from banklora.config import load_train_settings
+    from banklora.sweep import parse_values, run_sweep, write_sweep_report
+
+    ranks, alphas, lrs = parse_values("--lora-r", lora_r, int), parse_values("--lora-alpha", lora_alpha, int), parse_values("--lr", lr, float)
+    base = load_train_settings(config, dict(data=tuple(data) if data else None, base_model=base_model, epochs=epochs,
+                                            max_steps=max_steps, batch_size=batch_size))
+    root = Path(output_dir)
+    console.print(f"sweep: {len(ranks) * len(alphas) * len(lrs)} settings (r {ranks} x alpha {alphas} x lr {lrs}) into {root}")
+    rows = run_sweep(base, ranks, alphas, lrs, root)
+    table = Table(title="validation loss on the validation split (answer tokens; lower is better)")
+    for col in ("", "setting", "r", "alpha", "lr", "train loss", "validation loss", "best validation (step)", "seconds"):
+        table.add_column(col, justify="left" if col in ("", "setting") else "right")
+    for row in rows:
+        best = row["best_validation"] or {}
+        train_loss = f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "n/a"
+        table.add_row("[bold green]★ best[/]" if row.get("best") else "", row["name"], str(row["r"]), str(row["alpha"]), f"{row['lr']:g}",
+                      train_loss, f"{row['validation_loss']:.4f}", f"{best.get('loss', float('nan')):.4f} ({best.get('step', '-')})", f"{row['seconds']:.0f}")
+    console.print(table)
+    paths = write_sweep_report(rows, root)
+    console.print(f"best: {rows[0]['adapter']}    reports: {paths[0]}  {paths[1]}")
+    questions = "".join(f" --questions {d}" for d in base.data) if base.data != ("banking",) else ""
+    console.print(f"compare it with the base: banklora compare --peft-model-path {rows[0]['adapter']}{questions} --split validation")
+
+
 # --------------------------------------------------------------------------------------------- compare
 @app.command()
 def compare(
