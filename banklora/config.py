@@ -67,6 +67,8 @@ class TrainSettings:
     seed: int = 42
     dtype: str = "auto"
     """auto = float32 on CPU, bfloat16 on CUDA where supported."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding, faster); the order stays random."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (for quick checks); None = run all epochs."""
     strict: bool = False

@@ -109,21 +109,64 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 # the loss
 
 
+HEAD_CHUNK = 128  # answer tokens per LM-head chunk: (128, 262,144) fp32 logits = 128 MiB
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Cross-entropy of a frozen LM head over hidden states, HEAD_CHUNK rows at a time.
+
+    Forward computes each chunk's logits, its per-token loss and, at once, the loss's gradient
+    with respect to the hidden state, (softmax - onehot) x softcap' @ W, then drops the logits.
+    Backward only scales those stored (N, H) gradients. So the step never holds more than one
+    chunk of logits (vs 1 MiB per token for fp32 logits kept for backward), and nothing is
+    computed twice. The head's weight is frozen in LoRA training, so it needs no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, cap):
+        losses, grads = [], []
+        for i in range(0, hidden.shape[0], HEAD_CHUNK):
+            h, t = hidden[i : i + HEAD_CHUNK], targets[i : i + HEAD_CHUNK]
+            logits = F.linear(h, weight).float()  # (n, V), as the head computes them
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            loss = F.cross_entropy(logits, t, reduction="none")  # (n,): the same kernel as the model's own loss
+            losses.append(loss)
+            lse = loss + logits.gather(1, t[:, None])[:, 0]  # log-sum-exp, recovered from the loss
+            if ctx.needs_input_grad[0]:
+                dlogits = torch.exp(logits - lse[:, None])  # softmax
+                dlogits[torch.arange(len(t), device=t.device), t] -= 1
+                if cap:
+                    dlogits *= 1 - (logits / cap) ** 2  # d(cap * tanh(z / cap)) / dz
+                grads.append((dlogits.to(weight.dtype) @ weight).to(hidden.dtype))  # (n, H)
+        ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(0))
+        return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grads,) = ctx.saved_tensors
+        return grads * grad_losses[:, None].to(grads.dtype), None, None, None
+
+
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy at each answer token, (N,), and the mask that placed them, (B, T-1).
 
-    Logits are computed only at the N answer positions: the LM head never sees prompt or padding.
+    Logits are computed only at the N answer positions (the LM head never sees prompt or
+    padding), in chunks, with the gradient taken as they go (_ChunkedHeadLoss). Exact: equal to
+    the model's own loss and gradients within float rounding (tested).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = causal_lm.model, causal_lm.lm_head
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
-    logits = head(hidden[:, :-1][keep]).float()  # (N, V), N = answer tokens in the batch
+    rows, wanted = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, targets[keep], reduction="none"), keep
+    if head.weight.requires_grad or getattr(head, "bias", None) is not None:  # a trained or biased head: plain autograd
+        logits = head(rows).float()
+        logits = torch.tanh(logits / cap) * cap if cap else logits
+        return F.cross_entropy(logits, wanted, reduction="none"), keep
+    return _ChunkedHeadLoss.apply(rows, head.weight, wanted, cap), keep
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False) -> torch.Tensor:
@@ -166,11 +209,25 @@ def _schedule(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a function of (seed, epoch), so a resumed run sees the same."""
-    order = list(range(n))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return order
+def _epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
+    """The global batches of one epoch: a function of (seed, epoch), so a resumed run sees the same.
+
+    by_length: shuffle, sort each window of 64 batches by length, cut into batches, shuffle the
+    batches. Each batch then holds examples of similar length, so little compute goes to padding,
+    while every epoch still sees the examples in a new random mix.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not by_length:
+        return [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
+    window = 64 * global_batch  # a multiple of the batch: only the epoch's last batch can be short
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i : i + window], key=lambda j: lengths[j])
+        batches += [chunk[k : k + global_batch] for k in range(0, len(chunk), global_batch)]
+    rng.shuffle(batches)
+    return batches
 
 
 class _StopRequest:
@@ -361,6 +418,7 @@ def _fit(run: _Run, show_progress: bool, on_step) -> bool:
     trainable = [p for p in run.peft_model.parameters() if p.requires_grad]
     metrics = s.checkpoints / METRICS_FILE
     bad_in_row, tokens_here, fit_start, stop_early = 0, 0, time.perf_counter(), False
+    lengths, epoch_batches = [len(e) for e in run.encoded], {}
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with _StopRequest() as stop, Progress(*columns, disable=not (show_progress and main), transient=False) as progress:
@@ -368,7 +426,9 @@ def _fit(run: _Run, show_progress: bool, on_step) -> bool:
         while state.step < run.total:
             # 1) this step's examples: the global batch, split across processes
             epoch, k = divmod(state.step, run.steps_per_epoch)
-            global_batch = _epoch_order(len(run.encoded), s.seed, epoch)[k * s.batch_size * world : (k + 1) * s.batch_size * world]
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: _epoch_batches(lengths, s.batch_size * world, s.seed, epoch, s.group_by_length)}
+            global_batch = epoch_batches[epoch][k]
             local = global_batch[rank::world]
             weight = 1.0 if local else 0.0  # a process with no example left runs a dummy that counts for nothing
             batch = {key: v.to(acc.device) for key, v in collate([run.encoded[i] for i in local or global_batch[:1]], run.pad_id).items()}
@@ -457,7 +517,7 @@ def _validate(run: _Run, console) -> bool:
     """Validation loss over all processes; keeps the best adapter. Returns True to stop early."""
     s, acc, state = run.settings, run.accelerator, run.state
     world, rank = acc.num_processes, acc.process_index
-    mine = run.validation[rank::world]
+    mine = sorted(run.validation, key=len)[rank::world]  # similar lengths together: less padding
     # every process runs the same number of forwards (DDP syncs buffers on each): pad with dummies
     n_batches = math.ceil(math.ceil(len(run.validation) / world) / s.batch_size)
     run.module.eval()

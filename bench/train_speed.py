@@ -99,6 +99,7 @@ def reference(args) -> dict:
                                save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=42, disable_tqdm=True),
         train_dataset=rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[clock],
     )
     trainer.train()
     tokens = sum(len(e) for e in encoded)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from banklora.config import TrainSettings
+from banklora.config import LoraSettings, TrainSettings
 from banklora.data.dataset import load_examples
 from banklora.errors import BankloraError, UsageError
 from banklora.modeling import META_FILE, load, save_adapter
@@ -170,3 +170,32 @@ def test_config_errors_are_sentences(tmp_path):
     bad.write_text("batch_size: 0\n")
     with pytest.raises(UsageError, match="--batch-size must be positive"):
         load_train_settings(bad, {})
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_chunked_answer_loss_gives_the_full_computations_loss_and_gradients(tiny_base, tokenizer, monkeypatch, softcap):
+    import banklora.train as train_module
+
+    monkeypatch.setattr(train_module, "HEAD_CHUNK", 7)  # several chunks and a ragged last one
+    loaded = load(str(tiny_base), training=True)
+    loaded.model.config.final_logit_softcapping = softcap
+    model = setup_lora(loaded.model, TrainSettings(lora=LoraSettings(dropout=0.0)))
+    with torch.no_grad():  # give LoRA B a value, so its A matrices get gradients too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    batch = _batch(tokenizer)
+    model.eval()
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full_loss, full = grads(lambda: model(**batch).loss)
+    ours_loss, ours = grads(lambda: answer_loss(model, batch))
+    assert ours_loss == pytest.approx(full_loss, abs=1e-5)
+    assert full.keys() == ours.keys() and len(full) > 0
+    for name in full:
+        assert torch.allclose(ours[name], full[name], rtol=1e-4, atol=1e-6), name
