@@ -1,0 +1,45 @@
+"""Serving fast paths on the tiny Gemma3: a merged adapter and int8 weights."""
+
+import pytest
+import torch
+
+from banklora.config import GenerationSettings
+from banklora.errors import UsageError
+from banklora.generate import generate_batch
+from banklora.modeling import load
+
+
+def _ids(tokenizer):
+    return torch.tensor([tokenizer("您好，请问信用卡逾期会影响征信吗？")["input_ids"]])
+
+
+def test_a_merged_adapter_gives_the_adapters_logits_without_lora_layers(tiny_adapter, tokenizer):
+    adapter = load(str(tiny_adapter))
+    merged = load(str(tiny_adapter), merge=True)
+    assert not any("lora_" in name for name, _ in merged.model.named_parameters())
+    with torch.no_grad():
+        a, b = adapter.model(input_ids=_ids(tokenizer)).logits, merged.model(input_ids=_ids(tokenizer)).logits
+        with adapter.model.disable_adapter():
+            base = adapter.model(input_ids=_ids(tokenizer)).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(b, base, atol=1e-4)  # the merge carried the adapter's change
+
+
+def test_int8_weights_stay_close_and_generate(tiny_adapter, tokenizer):
+    fp32 = load(str(tiny_adapter), merge=True)
+    int8 = load(str(tiny_adapter), merge=True, quantize="int8")
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 2 * 7 + 1  # 2 layers x 7 projections + the LM head
+    with torch.no_grad():
+        a, b = fp32.model(input_ids=_ids(tokenizer)).logits, int8.model(input_ids=_ids(tokenizer)).logits
+    # int8 rounding moves the logits a little, not the picture: the top-1 token agrees at most positions
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
+    assert not torch.equal(a, b)
+    out = generate_batch(int8.model, int8.tokenizer, [tokenizer("您好")["input_ids"]], GenerationSettings(max_new_tokens=5))
+    assert out[0].new_tokens > 0
+
+
+def test_int8_is_refused_for_training(tiny_base):
+    with pytest.raises(UsageError, match="int8 weights are for CPU inference"):
+        load(str(tiny_base), training=True, quantize="int8")
