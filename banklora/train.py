@@ -162,7 +162,7 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     keep = targets != IGNORE_INDEX  # (B, T-1)
     rows, wanted = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    if head.weight.requires_grad or getattr(head, "bias", None) is not None:  # a trained or biased head: plain autograd
+    if type(head) is not torch.nn.Linear or head.weight.requires_grad or head.bias is not None:  # int8, trained or biased head
         logits = head(rows).float()
         logits = torch.tanh(logits / cap) * cap if cap else logits
         return F.cross_entropy(logits, wanted, reduction="none"), keep
