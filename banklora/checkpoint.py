@@ -110,9 +110,8 @@ def save(directory: Path, trainer_state: TrainerState, peft_model, optimizer, ac
     Returns the checkpoint directory on the main process.
     """
     target = directory / f"step-{trainer_state.step:06d}"
-    tmp = directory / f".{target.name}.tmp-{os.getpid() if accelerator.is_main_process else 'x'}"
-    # every process must agree on the temporary path: the main process picks it and shares it
-    tmp = Path(_broadcast_str(str(tmp), accelerator))
+    # every process must agree on the temporary path: the main process's pid names it
+    tmp = Path(_broadcast_str(str(directory / f".{target.name}.tmp-{os.getpid()}"), accelerator))
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

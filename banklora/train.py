@@ -435,7 +435,9 @@ def _fit(run: _Run, show_progress: bool, on_step) -> bool:
             # 2) forward; the loss is the mean over the global batch's answer tokens
             loss_sum, n_tokens = run.module(**batch)
             loss_sum, n_tokens = loss_sum * weight, n_tokens * weight
-            totals = acc.reduce(torch.stack([loss_sum.detach(), n_tokens]), "sum") if world > 1 else torch.stack([loss_sum.detach(), n_tokens])
+            n_seen = batch["attention_mask"].sum().to(n_tokens.dtype) * weight
+            totals = torch.stack([loss_sum.detach(), n_tokens, n_seen])  # one collective per step for all three sums
+            totals = acc.reduce(totals, "sum") if world > 1 else totals
             loss = (totals[0] / totals[1].clamp(min=1)).item()
             # 3) backward and step, unless the loss or the gradient norm is not finite
             grad_norm: float | None = float("nan")
@@ -454,8 +456,7 @@ def _fit(run: _Run, show_progress: bool, on_step) -> bool:
                 state.skipped_steps.append(state.step + 1)
             run.optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            n_seen = int(batch["attention_mask"].sum()) * int(weight)
-            n_seen = int(acc.reduce(torch.tensor(n_seen, device=acc.device), "sum")) if world > 1 else n_seen
+            n_seen = int(totals[2])
             state.tokens += n_seen
             tokens_here += n_seen
             rate = tokens_here / (time.perf_counter() - fit_start)
