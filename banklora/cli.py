@@ -332,7 +332,8 @@ def chat(
     max_context: Annotated[int, typer.Option(help="Tokens of history kept; older turns are dropped.")] = 2048,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is written.")] = True,
     prompt: Annotated[Optional[str], typer.Option(help="Answer this one message and exit (for scripts).")] = None,
-    int8: Annotated[bool, typer.Option("--int8", help="Linear layers in int8 (CPU): faster answers, slightly different ones (see README, Performance).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see README, Performance).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 for decoding (CPU): faster answers, slightly different ones (see README, Performance).")] = False,
 ) -> None:
     """Talk to a fine-tuned (or base) model, with streaming output."""
     from banklora.chat import answer_once, repl
@@ -342,7 +343,7 @@ def chat(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if max_context <= max_new_tokens:
         raise UsageError(f"--max-context ({max_context}) must exceed --max-new-tokens ({max_new_tokens})")
-    loaded = load(model_path, base_model=base_model, merge=True, quantize="int8" if int8 else None)  # one adapter: merged
+    loaded = load(model_path, base_model=base_model, merge=True, quantize="int8" if int8 else None, fp16_weights=fp16)  # one adapter: merged
     if prompt is not None:
         answer_once(loaded, prompt, settings, stream, sys.stdout)
         return

@@ -144,6 +144,7 @@ def load(
     more_adapters: tuple[str, ...] = (),
     quantize: str | None = None,
     merge: bool = False,
+    fp16_weights: bool = False,
 ) -> Loaded:
     """Load a base model, or base + adapter when `model_path` is an adapter directory.
 
@@ -153,7 +154,9 @@ def load(
     more_adapters are loaded beside the first, each checked against the same base; adapters are
     named after their directories (Loaded.adapter_names); model.set_adapter(name) switches.
     quantize="4bit" loads the base in NF4 through bitsandbytes (QLoRA; CUDA only); "int8" (CPU,
-    inference only) quantizes the linear layers' weights to int8 after loading (and merging).
+    inference only) quantizes the LM head's weights to int8 after loading (and merging).
+    fp16_weights=True (CPU, inference only) keeps the decoder's linear weights in fp16 for
+    decoding (Fp16Linear): half the weight traffic per generated token.
     merge=True folds a single adapter into the base weights (W + B @ A * scale): the same outputs
     to float rounding, without LoRA's extra matmuls at every layer; for serving one adapter.
     """
@@ -179,6 +182,8 @@ def load(
     torch_dtype = pick_dtype(dtype, dev)
     if quantize == "int8" and (training or pick_device(device).type != "cpu"):
         raise UsageError("int8 weights are for CPU inference (chat, serving); on a GPU bf16 is already fast")
+    if fp16_weights and (training or pick_device(device).type != "cpu"):
+        raise UsageError("fp16 weights are for CPU inference (chat, serving); on a GPU bf16 is already fast")
     extra = {}
     if quantize == "4bit":
         from transformers import BitsAndBytesConfig
@@ -218,6 +223,8 @@ def load(
     model.eval()
     if quantize == "int8":
         model = _int8_linear(model)
+    if fp16_weights:
+        _fp16_decoder_weights(model)
     return Loaded(model, tokenizer, base, dev, torch_dtype, adapter_dir, meta, names)
 
 
@@ -234,6 +241,40 @@ def _int8_linear(model):
         warnings.simplefilter("ignore")  # torch's notice that its quantized tensor types will move
         # one scale per output row: a single scale per tensor ruins Gemma's answers (measured)
         return quantize_dynamic(model, {"lm_head": per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+class Fp16Linear(torch.nn.Module):
+    """A frozen linear layer whose weight is kept in fp16, for CPU decoding.
+
+    Decoding one token is bound by reading the weights from memory; fp16 halves the bytes (the
+    product still accumulates in fp32). Steps of at most DECODE_ROWS rows (decoding) run in fp16;
+    larger ones (the prompt) and any step whose fp16 result is not finite (Gemma's activations
+    can exceed fp16's range) run in fp32 with the weight widened, so nothing overflows.
+    """
+
+    DECODE_ROWS = 8
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.float16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.DECODE_ROWS * self.in_features:
+            y = torch.nn.functional.linear(x.to(torch.float16), self.weight).to(x.dtype)
+            if bool(torch.isfinite(y).all()):
+                return y if self.bias is None else y + self.bias
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+def _fp16_decoder_weights(model) -> None:
+    """Every linear layer but the LM head becomes an Fp16Linear (the head: int8 or fp32)."""
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child is not head:
+                setattr(parent, name, Fp16Linear(child))
 
 
 def adapter_names(paths: list[str]) -> list[str]:

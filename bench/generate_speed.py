@@ -7,7 +7,9 @@ Same adapter, same prompts (the first 8 questions of banking-eval, formatted by 
 formatter), greedy, the same token budget. Each variant runs in its own process:
   plain        AutoModelForCausalLM + PeftModel.from_pretrained, model.generate (the usual recipe)
   merged       banklora: the adapter merged into the base weights (load(..., merge=True))
-  merged+int8  banklora: merged, then linear layers' weights in int8 (load(..., quantize="int8"))
+  merged+int8  banklora: merged, then the LM head's weights in int8 (chat --int8)
+  merged+int8+fp16  banklora: as merged+int8, and the decoder's linear weights in fp16 for
+               decoding (chat --int8 --fp16)
 Printed per variant: decode tokens/s single stream (prompt 1) and summed over a batch of 8,
 time to first token (single stream), and the ratio to plain. A tiny first call warms each up.
 With no --adapter, one is trained for 2 steps on banking-seed (its B matrices are non-zero).
@@ -47,7 +49,7 @@ def _model(variant: str, adapter: str):
         return PeftModel.from_pretrained(base, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
     from banklora.modeling import load
 
-    loaded = load(adapter, merge=True, quantize="int8" if variant == "merged+int8" else None)
+    loaded = load(adapter, merge=True, quantize="int8" if "int8" in variant else None, fp16_weights="fp16" in variant)
     return loaded.model, loaded.tokenizer
 
 
@@ -91,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapter")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--variants", default="plain,merged,merged+int8")
+    parser.add_argument("--variants", default="plain,merged,merged+int8,merged+int8+fp16")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -108,10 +110,10 @@ def main() -> None:
         results[variant] = json.loads(line[len("RESULT "):])
     plain = results.get("plain")
     print(f"greedy, {args.max_new_tokens} new tokens, 8 banking-eval prompts, adapter {adapter}, {os.cpu_count()} cores")
-    print(f"{'':14}{'single tok/s':>13}{'x plain':>9}{'batch-8 tok/s':>15}{'x plain':>9}{'TTFT s':>8}{'same text as plain':>20}")
+    print(f"{'':18}{'single tok/s':>13}{'x plain':>9}{'batch-8 tok/s':>15}{'x plain':>9}{'TTFT s':>8}{'same text as plain':>20}")
     for name, r in results.items():
         same = sum(a == b for a, b in zip(r["texts"], plain["texts"])) if plain else 0
-        print(f"{name:14}{r['single_tps']:>13.1f}{r['single_tps'] / plain['single_tps'] if plain else 0:>9.2f}"
+        print(f"{name:18}{r['single_tps']:>13.1f}{r['single_tps'] / plain['single_tps'] if plain else 0:>9.2f}"
               f"{r['batch_tps']:>15.1f}{r['batch_tps'] / plain['batch_tps'] if plain else 0:>9.2f}{r['ttft']:>8.2f}{f'{same}/8':>20}")
 
 

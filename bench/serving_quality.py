@@ -1,7 +1,8 @@
-"""What int8 weights cost in answer quality: the merged adapter in fp32 against the same in int8.
+"""What the fast serving paths cost in answer quality: the merged adapter in fp32 against the same
+with an int8 LM head (--int8), fp16 decoder weights (--fp16), or both.
 
-    .venv/bin/python bench/int8_quality.py --adapter outputs/lora_banking                     # the seed's 8 questions
-    .venv/bin/python bench/int8_quality.py --adapter outputs/lora_banking --questions banking --split test
+    .venv/bin/python bench/serving_quality.py --adapter outputs/lora_banking                   # int8 head, the seed's 8 questions
+    .venv/bin/python bench/serving_quality.py --adapter outputs/lora_banking --variant int8+fp16 --questions banking --split test
 
 Both answer the same questions greedily with compare's token budget (160); each answer is
 scored with compare's metrics, and the pair gets compare's paired statistics (mean delta,
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--split")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--variant", choices=["int8", "fp16", "int8+fp16"], default="int8")
     args = parser.parse_args()
 
     from banklora.config import GenerationSettings
@@ -35,8 +37,9 @@ def main() -> None:
     rules = compliance.load_rules(None)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     answers, speed = {}, {}
-    for name, quantize in (("fp32", None), ("int8", "int8")):
-        loaded = load(args.adapter, merge=True, quantize=quantize)
+    fast = args.variant
+    for name in ("fp32", fast):
+        loaded = load(args.adapter, merge=True, quantize="int8" if "int8" in name else None, fp16_weights="fp16" in name)
         prompts = [encode_prompt(loaded.tokenizer, e.instruction, e.input) for e in examples]
         start = time.perf_counter()
         gens = generate_batch(loaded.model, loaded.tokenizer, prompts, settings, batch_size=8)
@@ -45,16 +48,16 @@ def main() -> None:
         answers[name] = [score(e, g, p, rules) for e, g, p in zip(examples, gens, ppls)]
         del loaded
     rows = [{"answers": {m: answers[m][i] for m in answers}} for i in range(len(examples))]
-    pair = compare_pair(rows, "fp32", "int8")
+    pair = compare_pair(rows, "fp32", fast)
     print(f"{len(examples)} questions from {args.questions}{f' ({args.split})' if args.split else ''}, greedy, {args.max_new_tokens} new tokens")
-    print(f"answer tokens/s (batches of 8): fp32 {speed['fp32']:.1f}, int8 {speed['int8']:.1f} ({speed['int8'] / speed['fp32']:.2f}x)")
-    print(f"same answer text: {sum(a['answer'] == b['answer'] for a, b in zip(answers['fp32'], answers['int8']))}/{len(examples)}")
-    print(f"{'metric':<16}{'fp32':>8}{'int8':>8}{'mean delta':>12}{'95% CI':>20}{'p':>9}  finding")
+    print(f"answer tokens/s (batches of 8): fp32 {speed['fp32']:.1f}, {fast} {speed[fast]:.1f} ({speed[fast] / speed['fp32']:.2f}x)")
+    print(f"same answer text: {sum(a['answer'] == b['answer'] for a, b in zip(answers['fp32'], answers[fast]))}/{len(examples)}")
+    print(f"{'metric':<16}{'fp32':>8}{fast:>10}{'mean delta':>12}{'95% CI':>20}{'p':>9}  finding")
     for key, s in pair["metrics"].items():
         a = [x[key] for x in answers["fp32"] if x[key] is not None]
-        b = [x[key] for x in answers["int8"] if x[key] is not None]
+        b = [x[key] for x in answers[fast] if x[key] is not None]
         ci = f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
-        print(f"{key:<16}{sum(a) / len(a):>8.3f}{sum(b) / len(b):>8.3f}{s['mean_delta']:>+12.3f}{ci:>20}{s['p_value']:>9.3g}  {s['verdict']}")
+        print(f"{key:<16}{sum(a) / len(a):>8.3f}{sum(b) / len(b):>10.3f}{s['mean_delta']:>+12.3f}{ci:>20}{s['p_value']:>9.3g}  {s['verdict']}")
 
 
 if __name__ == "__main__":
