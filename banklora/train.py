@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import banklora
-from banklora import checkpoint
+from banklora import checkpoint, kernels
 from banklora.checkpoint import TrainerState
 from banklora.config import RESUMABLE_CHANGES, TrainSettings, load_train_settings
 from banklora.data.dataset import dataset_hash, load_examples
@@ -89,7 +89,9 @@ def setup_lora(model, settings: TrainSettings):
         use_dora=lora.use_dora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    kernels.install(peft_model)  # same math, less kept for backward (banklora/kernels.py)
+    return peft_model
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -112,6 +114,18 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 HEAD_CHUNK = 128  # answer tokens per LM-head chunk: (128, 262,144) fp32 logits = 128 MiB
 
 
+def _loss_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy and softmax of `logits` (n, V), the softmax written over the logits
+    in place: one exp pass and one (n, V) buffer, where cross_entropy followed by softmax takes
+    two of each. The loss is log-sum-exp minus the target's logit, as log_softmax computes it."""
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    top = logits.amax(dim=1, keepdim=True)
+    probs = logits.sub_(top).exp_()
+    total = probs.sum(dim=1, keepdim=True)
+    loss = (top + total.log())[:, 0] - target_logit
+    return loss, probs.div_(total)
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Cross-entropy of a frozen LM head over hidden states, HEAD_CHUNK rows at a time.
 
@@ -130,15 +144,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             logits = F.linear(h, weight).float()  # (n, V), as the head computes them
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            loss = F.cross_entropy(logits, t, reduction="none")  # (n,): the same kernel as the model's own loss
+            if not ctx.needs_input_grad[0]:
+                losses.append(F.cross_entropy(logits, t, reduction="none"))  # the same kernel as the model's own loss
+                continue
+            slope = 1 - (logits / cap) ** 2 if cap else None  # d(cap * tanh(z / cap)) / dz, before the softmax overwrites them
+            loss, dlogits = _loss_and_softmax_(logits, t)
             losses.append(loss)
-            lse = loss + logits.gather(1, t[:, None])[:, 0]  # log-sum-exp, recovered from the loss
-            if ctx.needs_input_grad[0]:
-                dlogits = torch.exp(logits - lse[:, None])  # softmax
-                dlogits[torch.arange(len(t), device=t.device), t] -= 1
-                if cap:
-                    dlogits *= 1 - (logits / cap) ** 2  # d(cap * tanh(z / cap)) / dz
-                grads.append((dlogits.to(weight.dtype) @ weight).to(hidden.dtype))  # (n, H)
+            dlogits[torch.arange(len(t), device=t.device), t] -= 1  # softmax - onehot
+            if cap:
+                dlogits *= slope
+            grads.append((dlogits.to(weight.dtype) @ weight).to(hidden.dtype))  # (n, H)
         ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(0))
         return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
 

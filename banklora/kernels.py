@@ -1,0 +1,113 @@
+"""Training kernels that hold less in memory than the layers they stand in for, with the same math.
+
+Plain PyTorch autograd Functions, installed on a PEFT model for training by `install`:
+
+- LoRA's update, dropout(x) @ A^T @ B^T * scale, as one function (_LoraDelta). PEFT's layers keep,
+  for every adapted projection, a float dropout mask and the dropped copy of x (8 bytes per
+  element); this keeps x itself, shared by the projections that read the same input (q/k/v,
+  gate/up), and a bool mask (1 byte), and rebuilds the dropped x in backward.
+- Gemma's MLP gate, gelu_tanh(gate) * up (_GeluMul): keeps gate and up, and recomputes the gelu
+  in backward, where autograd would also keep the gelu's output.
+
+Forward values are the same operations as the modules' own; gradients are equal to autograd's
+within float rounding (tested). The adapter stays a plain PEFT adapter: only the forward of the
+modules changes, not their parameters.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+class _LoraDelta(torch.autograd.Function):
+    """(dropout(x) @ A^T) @ B^T * scale, for x (..., in), A (r, in), B (out, r)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, scale: float, p: float, training: bool):
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if training and p > 0 else None
+        dropped = x * keep * (1 / (1 - p)) if keep is not None else x
+        u = dropped @ a.T  # (..., r)
+        ctx.save_for_backward(x, keep, u, a, b)
+        ctx.scale, ctx.p = scale, p
+        return (u @ b.T) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, u, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        u2 = u.reshape(-1, u.shape[-1])  # (N, r)
+        grad_b = (g.T @ u2) * ctx.scale  # (out, r)
+        gu = (g @ b) * ctx.scale  # (N, r)
+        x2 = x.reshape(-1, x.shape[-1])
+        if keep is not None:
+            x2 = x2 * keep.reshape(x2.shape) * (1 / (1 - ctx.p))
+        grad_a = gu.T @ x2  # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gu @ a
+            if keep is not None:
+                grad_x = grad_x * keep.reshape(grad_x.shape) * (1 / (1 - ctx.p))
+            grad_x = grad_x.reshape(x.shape)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+class _GeluMul(torch.autograd.Function):
+    """gelu_tanh(gate) * up, keeping only gate and up for backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.gelu(gate, approximate="tanh") * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.gelu_backward(grad * up, gate, approximate="tanh")
+        return grad_gate, grad * F.gelu(gate, approximate="tanh")
+
+
+def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's lora.Linear forward for one vanilla adapter, through _LoraDelta."""
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or len(self.active_adapters) != 1:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    result = self.base_layer(x, *args, **kwargs)
+    if name not in self.lora_A:
+        return result
+    a, b, dropout = self.lora_A[name].weight, self.lora_B[name].weight, self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+    delta = _LoraDelta.apply(x.to(a.dtype), a, b, self.scaling[name], p, self.training)
+    return (result + delta).to(result.dtype)
+
+
+def _gelu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(_GeluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def install(peft_model) -> int:
+    """Route a PEFT model's vanilla LoRA linears and Gemma's gelu_tanh MLPs through the kernels
+    above. DoRA, bias-trained, and quantized layers keep PEFT's own forward. Returns how many
+    modules were changed."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    changed = 0
+    for module in peft_model.modules():
+        if (
+            type(module) is LoraLinear
+            and not module.lora_variant
+            and type(module.base_layer) is torch.nn.Linear
+            and all(m.bias is None for m in (*module.lora_A.values(), *module.lora_B.values()))
+        ):
+            module.forward = types.MethodType(_lora_forward, module)
+            changed += 1
+        elif (
+            type(module).__name__.endswith("MLP")
+            and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+            and getattr(getattr(module, "config", None), "hidden_activation", None) == "gelu_pytorch_tanh"
+        ):
+            module.forward = types.MethodType(_gelu_mlp_forward, module)
+            changed += 1
+    return changed

@@ -1,0 +1,98 @@
+"""Training kernels (banklora/kernels.py): the same losses and gradients as PEFT's and
+transformers' own layers, with less kept for backward."""
+
+import pytest
+import torch
+
+from banklora import kernels
+from banklora.config import LoraSettings, TrainSettings
+from banklora.data.dataset import load_examples
+from banklora.data.prepare import prepare
+from banklora.modeling import load
+from banklora.train import answer_loss, collate, setup_lora
+
+
+def _batch(tokenizer, n=4):
+    return collate(prepare(load_examples(["banking-seed"])[:n], tokenizer, 512).encoded, pad_id=0)
+
+
+def _own_forwards(model) -> int:
+    """Take the kernels out again: every module back to its class's forward."""
+    return sum(m.__dict__.pop("forward", None) is not None for m in model.modules())
+
+
+def _model(tiny_base, dropout):
+    model = setup_lora(load(str(tiny_base), training=True).model, TrainSettings(lora=LoraSettings(dropout=dropout)))
+    with torch.no_grad():  # give LoRA B a value, so its A matrices get gradients too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return model.train()
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = answer_loss(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_the_kernels_give_peft_and_transformers_own_loss_and_gradients(tiny_base, tokenizer):
+    model = _model(tiny_base, dropout=0.0)
+    layers = model.config.num_hidden_layers
+    batch = _batch(tokenizer)
+    ours_loss, ours = _loss_and_grads(model, batch)
+    assert _own_forwards(model) == 7 * layers + layers  # every adapted projection and every MLP had been routed
+    own_loss, own = _loss_and_grads(model, batch)
+    assert ours_loss == pytest.approx(own_loss, abs=1e-6)
+    assert ours.keys() == own.keys() and len(own) == 2 * 7 * layers
+    for name in own:
+        assert torch.allclose(ours[name], own[name], rtol=1e-4, atol=1e-7), name
+        assert own[name].abs().sum() > 0, name
+
+
+def test_lora_dropout_gradients_follow_the_mask_it_drew():
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    a = torch.randn(4, 16, requires_grad=True)
+    b = torch.randn(8, 4, requires_grad=True)
+    grad = torch.randn(3, 5, 8)
+    torch.manual_seed(7)
+    out = kernels._LoraDelta.apply(x, a, b, 2.0, 0.25, True)
+    out.backward(grad)
+    ours = (x.grad.clone(), a.grad.clone(), b.grad.clone())
+    x.grad = a.grad = b.grad = None
+
+    torch.manual_seed(7)  # the same draw: the mask the kernel used
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.75)
+    assert 0.5 < keep.float().mean() < 0.95
+    reference = ((x * keep / 0.75) @ a.T @ b.T) * 2.0
+    assert torch.allclose(out, reference, atol=1e-5)
+    reference.backward(grad)
+    for mine, theirs in zip(ours, (x.grad, a.grad, b.grad)):
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert (ours[0][~keep] == 0).all()  # dropped inputs get no gradient
+
+
+def test_the_kernels_keep_less_for_backward(tiny_base, tokenizer):
+    model = _model(tiny_base, dropout=0.1)
+    batch = _batch(tokenizer)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes() -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            key = t.untyped_storage().data_ptr()
+            if key not in params:
+                seen[key] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            answer_loss(model, batch)
+        return sum(seen.values())
+
+    ours = saved_bytes()
+    _own_forwards(model)
+    own = saved_bytes()
+    assert ours < 0.75 * own, (ours, own)
