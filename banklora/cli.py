@@ -209,6 +209,7 @@ def train(
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue an interrupted run exactly from its newest checkpoint (--no-resume: discard its checkpoints).")] = None,
     strict: Annotated[Optional[bool], typer.Option("--strict", help="Fail instead of dropping duplicates and over-long examples.")] = None,
     redact: Annotated[Optional[bool], typer.Option("--redact", help="Mask personal data in the training data instead of refusing it.")] = None,
+    low_memory: Annotated[Optional[bool], typer.Option("--low-memory", help="Lower peak memory, slower steps (README, Performance).")] = None,
 ) -> None:
     """Train a LoRA adapter on the train split (validation loss on the validation split).
 
@@ -225,6 +226,7 @@ def train(
         base_model=base_model, data=tuple(data) if data else None, seed=seed, dtype=dtype, max_steps=max_steps, lora=lora,
         quantize=quantize, eval_every=eval_every, early_stopping_patience=early_stopping_patience, save_every=save_every,
         keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir, strict=strict, redact=redact,
+        low_memory=low_memory,
     ), resume)
     result = run_train(settings, resume=resume)
     if not result.main_process:

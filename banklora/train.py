@@ -112,6 +112,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 HEAD_CHUNK = 128  # answer tokens per LM-head chunk: (128, 262,144) fp32 logits = 128 MiB
+LOW_MEMORY_HEAD_CHUNK = 64  # --low-memory: 64 MiB chunks (measured: 0.9x the speed, 170 MiB less at peak)
 
 
 def _loss_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,10 +141,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, cap):
+    def forward(ctx, hidden, weight, targets, cap, chunk):
         losses, grads = [], []
-        for i in range(0, hidden.shape[0], HEAD_CHUNK):
-            h, t = hidden[i : i + HEAD_CHUNK], targets[i : i + HEAD_CHUNK]
+        for i in range(0, hidden.shape[0], chunk):
+            h, t = hidden[i : i + chunk], targets[i : i + chunk]
             logits = torch.mm(weight, h.T).float()  # (V, n)
             if cap:
                 logits = torch.tanh(logits / cap) * cap
@@ -163,10 +164,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         (grads,) = ctx.saved_tensors
-        return grads * grad_losses[:, None].to(grads.dtype), None, None, None
+        return grads * grad_losses[:, None].to(grads.dtype), None, None, None, None
 
 
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model, batch: dict[str, torch.Tensor], head_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy at each answer token, (N,), and the mask that placed them, (B, T-1).
 
     Logits are computed only at the N answer positions (the LM head never sees prompt or
@@ -184,7 +185,7 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
         logits = head(rows).float()
         logits = torch.tanh(logits / cap) * cap if cap else logits
         return F.cross_entropy(logits, wanted, reduction="none"), keep
-    return _ChunkedHeadLoss.apply(rows, head.weight, wanted, cap), keep
+    return _ChunkedHeadLoss.apply(rows, head.weight, wanted, cap, head_chunk or HEAD_CHUNK), keep
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False) -> torch.Tensor:
@@ -205,13 +206,14 @@ class AnswerLoss(torch.nn.Module):
     """The PEFT model and its answer-only loss as one module, so DDP / FSDP / DeepSpeed wrap the
     whole computation (their gradient hooks need the forward to run through the wrapper)."""
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, head_chunk: int | None = None):
         super().__init__()
-        self.peft_model = peft_model
+        self.peft_model, self.head_chunk = peft_model, head_chunk
 
     def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of answer-token losses, number of answer tokens): the caller normalises globally."""
-        token_loss, _ = token_losses(self.peft_model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        token_loss, _ = token_losses(self.peft_model, batch, self.head_chunk)
         return token_loss.sum(), torch.tensor(token_loss.numel(), device=token_loss.device, dtype=torch.float32)
 
 
@@ -330,6 +332,8 @@ def _setup(settings: TrainSettings, resume: bool | None) -> _Run:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: multi-process CPU runs use gloo
     main = accelerator.is_main_process
+    if settings.low_memory:
+        _return_freed_memory()
     if settings.quantize:
         _check_qlora(accelerator.device)
     # 1) data
@@ -371,7 +375,7 @@ def _setup(settings: TrainSettings, resume: bool | None) -> _Run:
             raise UsageError(f"--resume works for single-process and DDP runs; {engine} shards the optimizer state banklora's checkpoints hold")
         log.warning("%s run: resumable checkpoints are off (they cover single-process and DDP runs)", engine)
         settings = dataclasses.replace(settings, save_every=0)
-    module, optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
+    module, optimizer = accelerator.prepare(AnswerLoss(model, LOW_MEMORY_HEAD_CHUNK if settings.low_memory else None), optimizer)
     global_batch = settings.batch_size * accelerator.num_processes
     steps_per_epoch = math.ceil(len(encoded) / global_batch)
     total = settings.max_steps or math.ceil(settings.epochs * steps_per_epoch)
@@ -393,6 +397,21 @@ def _setup(settings: TrainSettings, resume: bool | None) -> _Run:
         )
         _rewrite_metrics(ckdir / METRICS_FILE, state.step)
     return run
+
+
+def _return_freed_memory() -> None:
+    """--low-memory: allocations of 1 MiB and more (activations) get their own mappings, returned
+    to the OS when freed, instead of glibc's heap, whose fragments otherwise keep ~800 MiB of the
+    270M model's peak resident. Costs page faults: ~0.8x the step speed (measured, 2 cores)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if libc.mallopt(-3, 1 << 20) != 1:  # M_MMAP_THRESHOLD
+            raise OSError("mallopt refused M_MMAP_THRESHOLD")
+    except (OSError, AttributeError) as exc:  # not glibc (macOS, musl): nothing to tune
+        log.warning("--low-memory: the allocator could not be tuned here (%s); only the smaller LM-head chunks apply", exc)
 
 
 def _engine(accelerator) -> str | None:

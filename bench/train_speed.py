@@ -9,6 +9,7 @@ seed's r=8, alpha=32, dropout 0.1 on q/k/v/o/gate/up/down), lr, warmup, schedule
 steps, each in its own fresh process so peak memory (RSS, including loading) is its own. The
 reference is the way most tutorials and LLaMA-Factory do it: `Trainer` with
 `DataCollatorForSeq2Seq` padding labels with -100 and the model's own loss over full logits.
+banklora runs twice: with its defaults and with --low-memory.
 Printed: tokens/s of the training steps (model loading excluded), peak RSS, the loss both
 compute on the same first batch before any update, and the ratios. Run it on an idle machine;
 the ratio is what to compare across machines.
@@ -123,7 +124,7 @@ def banklora_first(args) -> dict:
         return {"first_batch_loss": answer_loss(model, collate(encoded, loaded.tokenizer.pad_token_id)).item()}
 
 
-def banklora_run(args) -> dict:
+def banklora_run(args, low_memory: bool = False) -> dict:
     from banklora.config import TrainSettings
     from banklora.data.dataset import write_jsonl
     from banklora.train import train
@@ -132,7 +133,7 @@ def banklora_run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-banklora-"))
     write_jsonl(examples, work / "data.jsonl")
     settings = TrainSettings(data=(str(work / "data.jsonl"),), output_dir=str(work / "adapter"), max_steps=args.steps,
-                             batch_size=args.batch_size, save_every=0)
+                             batch_size=args.batch_size, save_every=0, low_memory=low_memory)
     result = train(settings, show_progress=False)
     tokens = sum(len(e) for e in encoded)
     fit_seconds = tokens / result.meta["train_tokens_per_second"]
@@ -140,7 +141,8 @@ def banklora_run(args) -> dict:
             "losses": result.losses, "peak_rss_mib": _peak_rss_mib()}
 
 
-WORKERS = {"reference": reference, "banklora": banklora_run, "banklora_first": banklora_first}
+WORKERS = {"reference": reference, "banklora": banklora_run, "banklora_low_memory": lambda args: banklora_run(args, low_memory=True),
+           "banklora_first": banklora_first}
 
 
 def main() -> None:
@@ -165,13 +167,16 @@ def main() -> None:
             sys.exit(f"{worker} run failed:\n{done.stderr[-4000:]}")
         results[worker] = json.loads(line[len("RESULT "):])
     ref, ours = results["reference"], results["banklora"] | results["banklora_first"]
+    low = results["banklora_low_memory"] | results["banklora_first"]
     print(f"{args.steps} steps x batch {args.batch_size} on {ref['tokens']} tokens of {args.data} (train split), 270M, fp32, {os.cpu_count()} cores")
     print(f"{'':24}{'tokens/s':>10}{'peak RSS MiB':>14}{'first-batch loss':>18}{'last loss':>11}")
-    for name, r in (("HF Trainer + PEFT", ref), ("banklora train", ours)):
+    for name, r in (("HF Trainer + PEFT", ref), ("banklora train", ours), ("  --low-memory", low)):
         print(f"{name:24}{r['tokens_per_second']:>10.1f}{r['peak_rss_mib']:>14.0f}{r['first_batch_loss']:>18.6f}{r['losses'][-1]:>11.4f}")
     print(f"speed ratio (banklora / reference): {ours['tokens_per_second'] / ref['tokens_per_second']:.2f}x; "
           f"peak memory ratio: {ours['peak_rss_mib'] / ref['peak_rss_mib']:.2f}; "
           f"first-batch loss difference: {abs(ours['first_batch_loss'] - ref['first_batch_loss']):.2e}")
+    print(f"--low-memory: speed ratio {low['tokens_per_second'] / ref['tokens_per_second']:.2f}x; "
+          f"peak memory ratio: {low['peak_rss_mib'] / ref['peak_rss_mib']:.2f}")
 
 
 if __name__ == "__main__":

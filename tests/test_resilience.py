@@ -176,3 +176,16 @@ def test_lora_and_qlora_mistakes_are_sentences(tiny_base, small_data, tmp_path):
     result = run_cli("train", "--base-model", str(tiny_base), "--output-dir", str(tmp_path / "q"), "--quantize", "4bit")
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
     assert "--lora-alpha must be positive" in run_cli("train", "--lora-alpha", "0").stderr
+
+
+def test_low_memory_trains_the_same_run(tiny_base, small_data, tmp_path):
+    # in its own process: --low-memory tunes the allocator of the process it runs in
+    default = train(_settings(tiny_base, small_data, tmp_path / "default", epochs=1), show_progress=False)
+    done = run_cli("train", "--base-model", str(tiny_base), "--data", str(small_data), "--output-dir", str(tmp_path / "low"),
+                   "--epochs", "1", "--batch-size", "2", "--lr", "1e-2", "--low-memory", timeout=600)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((tmp_path / "low" / "banklora_meta.json").read_text())
+    assert meta["training"]["low_memory"] is True
+    assert meta["loss_per_step"] == pytest.approx(default.losses, abs=1e-6)
+    weights, reference = _weights(tmp_path / "low"), _weights(tmp_path / "default")
+    assert all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
