@@ -115,8 +115,8 @@ def test_non_finite_steps_are_skipped_then_abort_with_no_adapter(tiny_base, smal
     # one poisoned step is skipped and the run goes on
     real, calls = train_module.token_losses, {"n": 0}
 
-    def poisoned(model, batch):
-        losses, keep = real(model, batch)
+    def poisoned(model, batch, head_chunk=None):
+        losses, keep = real(model, batch, head_chunk)
         calls["n"] += 1
         return (losses * float("nan") if calls["n"] == 2 else losses), keep
 
