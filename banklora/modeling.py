@@ -181,10 +181,12 @@ def load(
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    if quantize == "int8" and (training or pick_device(device).type != "cpu"):
-        raise UsageError("int8 weights are for CPU inference (chat, serving); on a GPU bf16 is already fast")
-    if fp16_weights and (training or pick_device(device).type != "cpu"):
-        raise UsageError("fp16 weights are for CPU inference (chat, serving); on a GPU bf16 is already fast")
+    for wanted, what in ((quantize == "int8", "int8"), (fp16_weights, "fp16")):
+        if wanted and (training or dev.type != "cpu"):
+            raise UsageError(f"{what} weights are for CPU inference (chat, serving); on a GPU bf16 is already fast")
+    merged = merge and not more_adapters  # one adapter folded in, or a base model alone
+    if fp16_weights and adapter_dir is not None and not merged:
+        raise UsageError("fp16 weights need the adapter merged (one adapter, merge=True)")
     extra = {}
     if quantize == "4bit":
         from transformers import BitsAndBytesConfig
@@ -217,21 +219,19 @@ def load(
             _check_adapter(path, read_meta(path), base)
             model.load_adapter(path, adapter_name=name, is_trainable=False)
         model.set_adapter(names[0])
-        if merge and not more_adapters:
+        if merged:
             model = model.merge_and_unload()
     elif more_adapters:
         raise UsageError("more adapters were given, but the first model path is not an adapter")
     model.eval()
     if quantize == "int8":
-        model = _int8_linear(model)
-    if dev.type == "cpu" and not training and (merge or fp16_weights):
-        if fp16_weights and adapter_dir is not None and not merge:
-            raise UsageError("fp16 weights need the adapter merged (one adapter, merge=True)")
+        model = _int8_head(model)
+    if dev.type == "cpu" and not training and (merged or fp16_weights):  # a plain model here: no LoRA layers to keep intact
         _decode_linears(model, fp16=fp16_weights)
     return Loaded(model, tokenizer, base, dev, torch_dtype, adapter_dir, meta, names)
 
 
-def _int8_linear(model):
+def _int8_head(model):
     """Dynamic int8 quantization of the LM head (weights int8 per output row, activations quantized
     on the fly). The head (262,144 x 640) is ~60% of each decoded token's work and weight traffic.
     Only the head: with the decoder's layers in int8 too, Gemma's large activations (~8e5) lose

@@ -75,6 +75,15 @@ def tiny_adapter(tmp_path_factory, tiny_base) -> Path:
     return out
 
 
+def seed_batch(tokenizer, n: int = 4) -> dict:
+    """The first n banking-seed pairs as one training batch (input_ids, attention_mask, labels)."""
+    from banklora.data.dataset import load_examples
+    from banklora.data.prepare import prepare
+    from banklora.train import collate
+
+    return collate(prepare(load_examples(["banking-seed"])[:n], tokenizer, 512).encoded, pad_id=0)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real `banklora` command line in a subprocess."""
     env = dict(os.environ, COLUMNS="200", BANKLORA_LOG_LEVEL="WARNING")

@@ -6,14 +6,9 @@ import torch
 
 from banklora import kernels
 from banklora.config import LoraSettings, TrainSettings
-from banklora.data.dataset import load_examples
-from banklora.data.prepare import prepare
 from banklora.modeling import load
-from banklora.train import answer_loss, collate, setup_lora
-
-
-def _batch(tokenizer, n=4):
-    return collate(prepare(load_examples(["banking-seed"])[:n], tokenizer, 512).encoded, pad_id=0)
+from banklora.train import answer_loss, setup_lora
+from conftest import seed_batch
 
 
 def _own_forwards(model) -> int:
@@ -40,7 +35,7 @@ def _loss_and_grads(model, batch):
 def test_the_kernels_give_peft_and_transformers_own_loss_and_gradients(tiny_base, tokenizer):
     model = _model(tiny_base, dropout=0.0)
     layers = model.config.num_hidden_layers
-    batch = _batch(tokenizer)
+    batch = seed_batch(tokenizer)
     ours_loss, ours = _loss_and_grads(model, batch)
     assert _own_forwards(model) == 7 * layers + layers  # every adapted projection and every MLP had been routed
     own_loss, own = _loss_and_grads(model, batch)
@@ -76,7 +71,7 @@ def test_lora_dropout_gradients_follow_the_mask_it_drew():
 
 def test_the_kernels_keep_less_for_backward(tiny_base, tokenizer):
     model = _model(tiny_base, dropout=0.1)
-    batch = _batch(tokenizer)
+    batch = seed_batch(tokenizer)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def saved_bytes() -> int:

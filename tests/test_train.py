@@ -6,21 +6,16 @@ import pytest
 import torch
 
 from banklora.config import LoraSettings, TrainSettings
-from banklora.data.dataset import load_examples
 from banklora.errors import BankloraError, UsageError
 from banklora.modeling import META_FILE, load, save_adapter
-from banklora.data.prepare import prepare
-from banklora.train import answer_loss, collate, setup_lora, train
-
-
-def _batch(tokenizer, n=4):
-    return collate(prepare(load_examples(["banking-seed"])[:n], tokenizer, 512).encoded, pad_id=0)
+from banklora.train import answer_loss, setup_lora, train
+from conftest import seed_batch
 
 
 def test_answer_only_logits_equal_the_full_loss(tiny_base, tokenizer):
     loaded = load(str(tiny_base), training=True)
     model = setup_lora(loaded.model, TrainSettings())
-    batch = _batch(tokenizer)
+    batch = seed_batch(tokenizer)
     with torch.no_grad():
         full = model(**batch).loss
         ours = answer_loss(model.eval(), batch)
@@ -33,7 +28,7 @@ def test_training_changes_adapter_and_lowers_loss_on_a_repeated_batch(tiny_base,
     model = setup_lora(loaded.model, TrainSettings())
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     assert all(p.abs().sum() == 0 for p in lora_b.values())  # PEFT starts B at zero: no change yet
-    batch = _batch(tokenizer, n=2)
+    batch = seed_batch(tokenizer, n=2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.eval()  # no dropout: the same batch must give a falling loss
     losses = []
@@ -184,7 +179,7 @@ def test_chunked_answer_loss_gives_the_full_computations_loss_and_gradients(tiny
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    batch = _batch(tokenizer)
+    batch = seed_batch(tokenizer)
     model.eval()
 
     def grads(loss_fn):
