@@ -75,6 +75,17 @@ def test_leakage_check_catches_planted_copies(banking):
     assert len(found) == 3
 
 
+def test_chinese_after_latin_letters_or_digits_is_read_character_by_character():
+    from banklora.data.leakage import containment, grams
+
+    # "10万元..." was one token with the word class that also matched CJK: 0.25, a missed near-copy
+    reworded = containment(grams("10万元定期存款提前支取，利息怎么算？"), grams("10万元定期存款提前支取，利息如何计算？"))
+    assert reworded == pytest.approx(11 / 14) and reworded >= THRESHOLD
+    assert containment(grams("ATM把我的卡吞了怎么办"), grams("ATM把我的卡吞了，该怎么处理")) >= THRESHOLD
+    assert ("10", "万", "元") in grams("10万元定期")  # digits, then one token per character
+    assert ("atm", "把", "我") in grams("ATM把我的卡")
+
+
 def test_augmentation_varies_only_training_questions_and_stays_clean(banking):
     augmented = augment(banking, count=2)
     added = augmented[len(banking):]
