@@ -22,17 +22,18 @@ class Conversation:
         self.turns: list[dict] = []
 
     def prompt_for(self, text: str) -> list[int] | None:
-        """Prompt ids with `text` as the next user turn, or None if even alone it doesn't fit."""
-        self.turns.append({"role": "user", "content": text})
+        """Prompt ids with `text` as the next user turn, dropping the oldest exchanges as needed;
+        None, with the history left as it was, when the message does not fit even alone."""
+        turns = [*self.turns, {"role": "user", "content": text}]
         while True:
-            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + turns
             ids = encode_conversation(self.tokenizer, messages, add_generation_prompt=True).input_ids
             if len(ids) + self.max_new_tokens <= self.max_context:
+                self.turns = turns
                 return ids
-            if len(self.turns) == 1:
-                self.turns.clear()
+            if len(turns) == 1:
                 return None
-            del self.turns[:2]  # the oldest user turn and its answer
+            turns = turns[2:]  # the oldest user turn and its answer
 
     def answered(self, text: str) -> None:
         self.turns.append({"role": "assistant", "content": text})

@@ -17,13 +17,17 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from banklora.errors import UsageError
+from banklora.config import resumable_changes
+from banklora.errors import BankloraError, UsageError
+from banklora.io import to_json
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,10 @@ class TrainerState:
     skipped_steps: list[int] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     dataset_sha256: str = ""
+    processes: int | None = None  # the global batch is batch_size x processes: a resume must keep it
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, **self.__dict__}, indent=1, ensure_ascii=False)
+        return to_json({"format": FORMAT, **self.__dict__}, indent=1)
 
     @classmethod
     def read(cls, directory: Path) -> TrainerState:
@@ -60,6 +65,63 @@ class TrainerState:
         if raw.pop("format", None) != FORMAT:
             raise UsageError(f"{path}: not a {FORMAT} checkpoint")
         return cls(**raw)
+
+
+def check_resumable(found: Path, settings: dict, dataset_sha256: str, processes: int) -> TrainerState:
+    """The checkpoint's state, if the run about to start would continue it exactly; else a
+    sentence that says what differs (settings, data, or the number of processes)."""
+    saved = TrainerState.read(found)
+    now = json.loads(json.dumps(settings))  # tuples as lists, as the checkpoint stored them
+    allowed = resumable_changes()
+    changed = sorted(k for k in set(now) | set(saved.settings) if k not in allowed and k != "lora" and now.get(k) != saved.settings.get(k))
+    changed += [f"lora.{k}" for k in now["lora"] if now["lora"][k] != saved.settings.get("lora", {}).get(k)]
+    if changed:
+        first = changed[0]
+        was = saved.settings.get(first) if "." not in first else saved.settings["lora"].get(first[5:])
+        raise UsageError(
+            f"--resume: the settings differ from the checkpoint's ({', '.join(changed)}; e.g. {first} was {was!r}); "
+            "resume with the same settings (a resumed run repeats the original exactly), or start afresh with --no-resume"
+        )
+    if saved.dataset_sha256 != dataset_sha256:
+        raise UsageError(f"--resume: the training data changed since {found} was written (sha256 differs); resume with the same data or use --no-resume")
+    written_by = saved.processes or len(list(found.glob("rng-rank*.safetensors"))) or 1
+    if written_by != processes:
+        batch = saved.settings.get("batch_size")
+        raise UsageError(
+            f"--resume: {found} was written by a run on {written_by} process(es) (global batch {batch} x {written_by}), "
+            f"and this run has {processes}: the global batch and the schedule would change. Resume on {written_by} "
+            f"process(es) (torchrun --nproc_per_node {written_by} ... when it was more than one), or start afresh with --no-resume"
+        )
+    return saved
+
+
+class TrainingInterrupted(BankloraError):
+    exit_code = 130
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, write a checkpoint, stop.
+    A second Ctrl-C stops at once, without a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step to write a checkpoint (press Ctrl-C again to stop at once, without one)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
@@ -125,7 +187,7 @@ def save(directory: Path, trainer_state: TrainerState, peft_model, optimizer, ac
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return None
-    peft_model.save_pretrained(tmp, safe_serialization=True)
+    peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)  # as save_adapter
     tensors, meta = _optimizer_to_files(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(meta))

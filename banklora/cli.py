@@ -1,7 +1,13 @@
-"""The `banklora` command line: parses flags and calls into the modules. No logic lives here."""
+"""The `banklora` command line: parses flags and calls into the modules. No logic lives here.
+
+The training options of train, sweep and quickstart are generated from the settings dataclass
+(banklora.config.flags()): one field, one flag, its docstring as the help text, its default.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import sys
@@ -12,22 +18,40 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
+from banklora.config import flags as setting_flags
 from banklora.errors import BankloraError, UsageError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="LoRA fine-tuning of Gemma on banking Q&A: data -> train -> compare -> chat.")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect the training data.")
-app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 log = logging.getLogger("banklora")
 
+
+class _Group(TyperGroup):
+    """Errors a user can act on become one red sentence and the error's exit code, never a
+    traceback, whether the CLI runs as a program or in-process (tests)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BankloraError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            ctx.exit(exc.exit_code)
+
+
+# rich_markup_mode=None: click's plain help, which wraps to the terminal instead of cutting flag names
+app = typer.Typer(cls=_Group, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="LoRA fine-tuning of Gemma on banking Q&A: data -> train -> compare -> chat.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect, check and prepare the training data.")
+app.add_typer(data_app, name="data")
+
 DEFAULT_ADAPTER = "outputs/lora_banking"
-QUICKSTART_EPOCHS, QUICKSTART_LR = 5.0, 1e-3
+QUICKSTART = {"data": ("banking-seed",), "epochs": 5.0, "lr": 1e-3}  # 16 pairs: the seed's 3 epochs at 2e-4 barely move the model
 BaseModelOpt = Annotated[Optional[str], typer.Option("--base-model", help="Base model: gemma-3-270m (embedded, default), a local HF checkpoint directory, or a hub id.")]
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Only this split: train, validation or test.")]
-DataOpt = Annotated[Optional[list[str]], typer.Option("--data", help="Data source, repeatable: a built-in set (banking, banking-seed), a name from banklora_datasets.yaml, or a JSON/JSONL/CSV/TSV file. A file alone replaces the built-in set; add --data banking to extend it.")]
+_DATA_HELP = next(f.help for f in setting_flags() if f.key == "data")
+DataOpt = Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP + " [default: banking]")]
 
 
 def _setup_logging() -> None:
@@ -45,6 +69,39 @@ def _setup_logging() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def settings_options(exclude: tuple[str, ...] = (), defaults: dict | None = None):
+    """Give a command one option per training setting, generated from the settings fields: the
+    flag, its type, the field's docstring as help and its default ([default: ...] shows the
+    value used when the flag is not given). The command receives the flags given (and None for
+    the others) as its `flags` argument."""
+    shown = defaults or {}
+    options = [f for f in setting_flags() if f.key not in exclude]
+
+    def option(f) -> inspect.Parameter:
+        default = shown.get(f.key, f.default)
+        text = f.help
+        if default is not None:
+            value = ("on" if default else "off") if f.type is bool else ",".join(default) if isinstance(default, tuple) else default
+            text += f" [default: {value}]"
+        decls = (f"{f.flag}/--no-{f.flag[2:]}",) if f.type is bool else (f.flag,)
+        kind = list[str] if f.type is list else f.type
+        return inspect.Parameter(f.param, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=Annotated[Optional[kind], typer.Option(*decls, help=text, show_default=False)])
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            given = {f.param: kwargs.pop(f.param) for f in options}
+            return command(**kwargs, flags=given)
+
+        wrapper.__signature__ = inspect.Signature(own + [option(f) for f in options])
+        return wrapper
+
+    return decorate
+
+
 # --------------------------------------------------------------------------------------------- data
 @data_app.command("stats")
 def data_stats(
@@ -56,14 +113,14 @@ def data_stats(
 ) -> None:
     """Counts per category, language and split; lengths in Gemma tokens."""
     from rich.table import Table
+
     from banklora.data.dataset import load_examples
     from banklora.data.stats import dataset_stats, plot_stats
     from banklora.modeling import load_tokenizer
 
     sources = data or ["banking"]
     examples = load_examples(sources, split=split)
-    tokenizer = load_tokenizer(base_model)
-    stats = dataset_stats(examples, tokenizer)
+    stats = dataset_stats(examples, load_tokenizer(base_model))
     table = Table(title=f"{len(examples)} examples from {', '.join(sources)}{f' ({split})' if split else ''}, lengths in Gemma tokens")
     for col in ("category", "examples", "languages", "min", "mean", "max", "answer tokens"):
         table.add_column(col, justify="left" if col in ("category", "languages") else "right")
@@ -161,8 +218,7 @@ def data_export(
     from banklora.modeling import load_tokenizer
 
     examples = load_examples(data or ["banking"], split=split)
-    tokenizer = load_tokenizer(base_model)
-    prepared = prepare(examples, tokenizer, max_length, strict=strict, redact=redact)
+    prepared = prepare(examples, load_tokenizer(base_model), max_length, strict=strict, redact=redact)
     write_jsonl(prepared.examples, output)
     console.print(f"{len(prepared.examples)} examples ({prepared.summary()}): {output}")
 
@@ -181,54 +237,27 @@ def data_register(
 
 
 # --------------------------------------------------------------------------------------------- train
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="YAML file of settings (configs/*.yaml); flags override it.")]
+ResumeOpt = Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue an interrupted run exactly from its newest checkpoint (--no-resume: discard its checkpoints).")]
+
+
 @app.command()
-def train(
-    config: Annotated[Optional[Path], typer.Option(help="YAML file of settings; flags override it.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data [3].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Examples per step [4].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [2e-4].")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Longest example in tokens; longer ones are skipped [512].")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help=f"Where the adapter goes [{DEFAULT_ADAPTER}].")] = None,
-    base_model: BaseModelOpt = None,
-    data: DataOpt = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto (fp32 on CPU, bf16 on CUDA), fp32 or bf16; fp16 is refused for Gemma.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (quick checks).")] = None,
-    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank [8].")] = None,
-    lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha [32].")] = None,
-    lora_dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout [0.1].")] = None,
-    lora_targets: Annotated[Optional[str], typer.Option(help="Comma-separated linear layers to adapt [q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj].")] = None,
-    rslora: Annotated[Optional[bool], typer.Option("--rslora", help="rsLoRA: scale by alpha/sqrt(r), for high ranks.")] = None,
-    dora: Annotated[Optional[bool], typer.Option("--dora", help="DoRA: weight-decomposed LoRA (slower steps).")] = None,
-    quantize: Annotated[Optional[str], typer.Option(help="4bit = QLoRA (CUDA + bitsandbytes: pip install 'banklora[qlora]').")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Validation loss every N steps too (0 = epoch ends only) [0].")] = None,
-    early_stopping_patience: Annotated[Optional[int], typer.Option(help="Stop after N validations without a new best [off].")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="Resumable checkpoint every N steps (0 = only on Ctrl-C) [50].")] = None,
-    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Newest checkpoints kept [2].")] = None,
-    checkpoint_dir: Annotated[Optional[str], typer.Option(help="Checkpoints and metrics while training [<output-dir>-checkpoints].")] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue an interrupted run exactly from its newest checkpoint (--no-resume: discard its checkpoints).")] = None,
-    strict: Annotated[Optional[bool], typer.Option("--strict", help="Fail instead of dropping duplicates and over-long examples.")] = None,
-    redact: Annotated[Optional[bool], typer.Option("--redact", help="Mask personal data in the training data instead of refusing it.")] = None,
-    low_memory: Annotated[Optional[bool], typer.Option("--low-memory", help="Lower peak memory, slower steps (README, Performance).")] = None,
-) -> None:
+@settings_options()
+def train(config: ConfigOpt = None, resume: ResumeOpt = None, *, flags: dict) -> None:
     """Train a LoRA adapter on the train split (validation loss on the validation split).
 
     Runs in one process, or on several with `torchrun --nproc_per_node N -m banklora train ...`
     or `accelerate launch -m banklora train ...` (DDP; DeepSpeed / FSDP with configs/accelerate/).
     """
+    from banklora.config import overrides_from_flags
     from banklora.train import resolve_settings
     from banklora.train import train as run_train
 
-    lora = {k: v for k, v in (("r", lora_r), ("alpha", lora_alpha), ("dropout", lora_dropout), ("target_modules", lora_targets),
-                              ("use_rslora", rslora), ("use_dora", dora)) if v is not None}
-    settings = resolve_settings(config, dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, output_dir=output_dir,
-        base_model=base_model, data=tuple(data) if data else None, seed=seed, dtype=dtype, max_steps=max_steps, lora=lora,
-        quantize=quantize, eval_every=eval_every, early_stopping_patience=early_stopping_patience, save_every=save_every,
-        keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir, strict=strict, redact=redact,
-        low_memory=low_memory,
-    ), resume)
-    result = run_train(settings, resume=resume)
+    settings = resolve_settings(config, overrides_from_flags(flags), resume)
+    _print_trained(run_train(settings, resume=resume))
+
+
+def _print_trained(result) -> None:
     if not result.main_process:
         return
     finite = [x for x in result.losses if x is not None]
@@ -242,27 +271,24 @@ def train(
 
 # --------------------------------------------------------------------------------------------- sweep
 @app.command()
+@settings_options(exclude=("lora.r", "lora.alpha", "lr", "output_dir"))
 def sweep(
     lora_r: Annotated[str, typer.Option(help="LoRA ranks to try, comma-separated.")] = "4,8,16",
     lora_alpha: Annotated[str, typer.Option(help="LoRA alphas to try, comma-separated.")] = "16,32",
     lr: Annotated[str, typer.Option(help="Peak learning rates to try, comma-separated.")] = "1e-4,2e-4",
-    config: Annotated[Optional[Path], typer.Option(help="YAML file of the other settings (as for train).")] = None,
-    data: DataOpt = None,
-    base_model: BaseModelOpt = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data per setting [3].")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Steps per setting (quick sweeps).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Examples per step [4].")] = None,
     output_dir: Annotated[str, typer.Option(help="One adapter per setting goes under this directory, with sweep.json and sweep.md.")] = "outputs/sweep",
+    config: ConfigOpt = None,
+    *,
+    flags: dict,
 ) -> None:
     """Train each (rank, alpha, lr) of a grid and rank them by validation loss; the best is marked."""
     from rich.table import Table
 
-    from banklora.config import load_train_settings
+    from banklora.config import load_train_settings, overrides_from_flags
     from banklora.sweep import parse_values, run_sweep, write_sweep_report
 
     ranks, alphas, lrs = parse_values("--lora-r", lora_r, int), parse_values("--lora-alpha", lora_alpha, int), parse_values("--lr", lr, float)
-    base = load_train_settings(config, dict(data=tuple(data) if data else None, base_model=base_model, epochs=epochs,
-                                            max_steps=max_steps, batch_size=batch_size))
+    base = load_train_settings(config, overrides_from_flags(flags))
     root = Path(output_dir)
     console.print(f"sweep: {len(ranks) * len(alphas) * len(lrs)} settings (r {ranks} x alpha {alphas} x lr {lrs}) into {root}")
     rows = run_sweep(base, ranks, alphas, lrs, root)
@@ -284,7 +310,7 @@ def sweep(
 # --------------------------------------------------------------------------------------------- compare
 @app.command()
 def compare(
-    peft_model_path: Annotated[Optional[list[str]], typer.Option(help="Adapter directory to compare with its base model; repeat to compare adapters with each other too.")] = None,
+    peft_model_path: Annotated[Optional[list[str]], typer.Option(help=f"Adapter directory to compare with its base model; repeat to compare adapters with each other too. [default: {DEFAULT_ADAPTER}]")] = None,
     questions: Annotated[Optional[list[str]], typer.Option("--questions", help="Question set: 'banking-eval' (the seed's 8), 'banking', a registered name or a file with references and keywords.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Only this split of the questions, e.g. test: the held-out split of the built-in set.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Token budget per answer, the same for every model.")] = 160,
@@ -298,6 +324,7 @@ def compare(
     answers: Annotated[bool, typer.Option("--answers/--no-answers", help="Print every model's answer to each question.")] = True,
 ) -> None:
     """Base vs fine-tuned on the same questions: quality metrics with statistics, compliance, speed."""
+    from banklora.card import record_evaluation
     from banklora.config import GenerationSettings
     from banklora.evaluation.compare import gate, parse_thresholds, print_report, run_compare
     from banklora.evaluation.report import write_reports
@@ -311,6 +338,8 @@ def compare(
     result = run_compare(adapters, questions=questions or default, split=split, settings=settings,
                          batch_size=batch_size, limit=limit, base_model=base_model, rules_file=compliance_rules)
     paths = write_reports(result, report or default_report_path(adapters[-1]))
+    for name, info in result["adapters"].items():
+        record_evaluation(Path(info["path"]), result, name)  # the model card carries the latest comparison
     print_report(result, console, show_answers=answers)
     console.print(f"reports: {paths['json']}  {paths['markdown']}  {paths['html']}")
     reasons = gate(result, thresholds, fail_on_regression)
@@ -341,11 +370,12 @@ def chat(
     from banklora.chat import answer_once, repl
     from banklora.config import GenerationSettings
     from banklora.modeling import load
+    from banklora.serving import ServingSettings
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if max_context <= max_new_tokens:
         raise UsageError(f"--max-context ({max_context}) must exceed --max-new-tokens ({max_new_tokens})")
-    loaded = load(model_path, base_model=base_model, merge=True, quantize="int8" if int8 else None, fp16_weights=fp16)  # one adapter: merged
+    loaded = load(model_path, base_model=base_model, serve=ServingSettings(merge=True, int8_head=int8, fp16_weights=fp16))  # one adapter: merged
     if prompt is not None:
         answer_once(loaded, prompt, settings, stream, sys.stdout)
         return
@@ -357,7 +387,7 @@ def chat(
 # --------------------------------------------------------------------------------------------- doctor
 @app.command()
 def doctor(base_model: BaseModelOpt = None) -> None:
-    """Check this machine: versions, device, threads, the embedded model, a short generation."""
+    """Check this machine: versions, device, threads, the embedded model (sha256), a short generation."""
     from banklora.doctor import run_checks
 
     checks = run_checks(base_model or "gemma-3-270m")
@@ -370,32 +400,26 @@ def doctor(base_model: BaseModelOpt = None) -> None:
 
 # --------------------------------------------------------------------------------------------- quickstart
 @app.command()
-def quickstart(
-    output_dir: Annotated[str, typer.Option(help="Where the adapter goes.")] = DEFAULT_ADAPTER,
-    epochs: Annotated[float, typer.Option(help="Passes over the built-in data.")] = QUICKSTART_EPOCHS,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = QUICKSTART_LR,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop training after this many steps.")] = None,
-) -> None:
+@settings_options(defaults=QUICKSTART)
+def quickstart(*, flags: dict) -> None:
     """The whole job on the embedded model: data -> train -> compare, then how to chat.
 
     It trains on the seed's 16 pairs (banking-seed) for 5 epochs at lr 1e-3 (20 steps), so the
     whole run fits in 15 minutes on 2 cores: with 16 examples, the seed's 3 epochs at 2e-4 (12
-    steps) barely move the model.
+    steps) barely move the model. An interrupted quickstart continues where it stopped.
     """
-    start = time.perf_counter()
-    console.rule("[bold]1/3 data")
-    data_stats(data=["banking-seed"], split=None, base_model=None, max_length=512, plot=None)
-    console.rule("[bold]2/3 train")
-    from banklora import checkpoint
-    from banklora.config import TrainSettings
+    from banklora.config import overrides_from_flags
+    from banklora.train import resolve_settings
+    from banklora.train import train as run_train
 
-    # an interrupted quickstart continues where it stopped
-    resume = True if checkpoint.latest(TrainSettings(output_dir=output_dir).checkpoints) else None
-    train(output_dir=output_dir, epochs=epochs, lr=lr, max_steps=max_steps, data=["banking-seed"], resume=resume, **dict.fromkeys(
-        ("config", "batch_size", "max_length", "base_model", "seed", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-         "rslora", "dora", "quantize", "eval_every", "early_stopping_patience", "save_every", "keep_checkpoints", "checkpoint_dir",
-         "strict", "redact")))
+    start = time.perf_counter()
+    settings = resolve_settings(None, QUICKSTART | overrides_from_flags(flags), "auto")
+    console.rule("[bold]1/3 data")
+    data_stats(data=list(settings.data), split=None, base_model=settings.base_model, max_length=settings.max_length, plot=None)
+    console.rule("[bold]2/3 train")
+    _print_trained(run_train(settings, resume="auto"))
     console.rule("[bold]3/3 compare")
+    output_dir = settings.output_dir
     compare(peft_model_path=[output_dir], questions=None, split=None, max_new_tokens=160, batch_size=8, limit=None, report=None,
             base_model=None, compliance_rules=None, fail_below=None, fail_on_regression=False, answers=True)
     console.rule("[bold]done")
@@ -408,9 +432,6 @@ def main() -> None:
     _setup_logging()
     try:
         app()
-    except BankloraError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

@@ -1,19 +1,31 @@
 """Typed settings with the seed's defaults. Defaults < YAML file < command-line flags.
 
-Each check in __post_init__ names the flag to change, so a bad value reads as a sentence.
-The resolved settings are saved next to every adapter (banklora_meta.json).
+Every training setting exists once: a dataclass field with its docstring. The command-line
+options of train, sweep and quickstart are generated from these fields (`flags()`): the flag
+name, its type, its help text (the docstring) and its default. Each check in __post_init__ names
+the flag to change, so a bad value reads as a sentence. The resolved settings are saved next to
+every adapter (banklora_meta.json).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import typing
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from banklora.errors import UsageError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("auto", "fp32", "bf16")
+
+
+def _resumable(default, **kw):
+    """A setting that may change when a run resumes: it does not move the weights."""
+    return field(default=default, metadata={"resumable": True, **kw})
 
 
 @dataclass
@@ -23,12 +35,14 @@ class LoraSettings:
     alpha: int = 32
     """LoRA scaling numerator: the update is scaled by alpha / r."""
     dropout: float = 0.1
+    """Dropout on the LoRA input during training."""
     bias: str = "none"
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    """Linear layers that get adapters (names inside each decoder layer)."""
-    use_rslora: bool = False
+    """Train biases too: none, all or lora_only (Gemma's linears have none)."""
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"flag": "--lora-targets", "comma": True})
+    """Linear layers that get adapters (names inside each decoder layer), comma-separated."""
+    use_rslora: bool = field(default=False, metadata={"flag": "--rslora"})
     """rsLoRA: scale by alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning."""
-    use_dora: bool = False
+    use_dora: bool = field(default=False, metadata={"flag": "--dora"})
     """DoRA: learn a magnitude per output feature besides the direction; ~2x slower steps."""
 
     def __post_init__(self) -> None:
@@ -44,63 +58,74 @@ class LoraSettings:
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--lora-dropout must be in [0, 1) (got {self.dropout})")
         if self.bias not in ("none", "all", "lora_only"):
-            raise UsageError(f"lora bias must be none, all or lora_only (got {self.bias!r})")
+            raise UsageError(f"--lora-bias must be none, all or lora_only (got {self.bias!r})")
 
 
 @dataclass
 class TrainSettings:
     base_model: str = "gemma-3-270m"
-    """The embedded Gemma 3 270M, a local HF checkpoint directory, or a hub id."""
+    """Base model: gemma-3-270m (embedded), a local HF checkpoint directory, or a hub id."""
     data: tuple[str, ...] = ("banking",)
-    """Data sources: built-in names ("banking") and JSON/JSONL files, concatenated."""
+    """Data source, repeatable: a built-in set (banking, banking-seed), a name from banklora_datasets.yaml, or a JSON/JSONL/CSV/TSV file."""
     output_dir: str = "outputs/lora_banking"
+    """Where the adapter goes."""
     epochs: float = 3
+    """Passes over the training split."""
     batch_size: int = 4
+    """Examples per optimizer step (per process)."""
     lr: float = 2e-4
+    """Peak learning rate."""
     max_length: int = 512
     """Examples longer than this (in Gemma tokens) are dropped and counted, never truncated."""
     warmup_steps: int = 100
+    """Linear warmup steps before the cosine decay."""
     warmup_cap: float = 0.1
     """Warmup never exceeds this fraction of the run (the seed's 100 steps exceed small runs)."""
     weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights."""
     max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm."""
     seed: int = 42
+    """Random seed: data order, LoRA initialisation, dropout."""
     dtype: str = "auto"
-    """auto = float32 on CPU, bfloat16 on CUDA where supported."""
+    """auto = float32 on CPU, bfloat16 on CUDA where supported; fp32 or bf16 (fp16 is refused for Gemma)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, faster); the order stays random."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps (for quick checks); None = run all epochs."""
+    """Stop after this many optimizer steps (quick checks); unset = run all epochs."""
     strict: bool = False
     """Fail instead of dropping duplicates and over-long examples."""
     redact: bool = False
     """Mask personal data (ID, card and mobile numbers, e-mail) instead of refusing to train."""
     quantize: str | None = None
-    """"4bit" = QLoRA: the frozen base in 4-bit NF4 (CUDA + bitsandbytes only), adapters in bf16."""
-    eval_every: int = 0
+    """4bit = QLoRA: the frozen base in 4-bit NF4 (CUDA + bitsandbytes: pip install 'banklora[qlora]')."""
+    eval_every: int = _resumable(0)
     """Validation loss every N steps as well as at each epoch end; 0 = epoch ends only."""
-    early_stopping_patience: int | None = None
-    """Stop after this many validations in a row without a new best; None = never stop early."""
-    early_stopping_min_delta: float = 0.0
+    early_stopping_patience: int | None = _resumable(None)
+    """Stop after this many validations in a row without a new best; unset = never stop early."""
+    early_stopping_min_delta: float = _resumable(0.0)
     """A validation loss must beat the best by more than this to count as better."""
-    save_every: int = 50
+    save_every: int = _resumable(50)
     """Write a resumable checkpoint every N steps; 0 = only on Ctrl-C."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = _resumable(2)
     """Newest checkpoints kept; older ones are deleted as new ones land."""
     checkpoint_dir: str | None = None
-    """Checkpoints, metrics.jsonl and the best adapter while training [<output_dir>-checkpoints]."""
-    max_bad_steps: int = 5
+    """Checkpoints, metrics.jsonl and the best adapter while training; unset = <output-dir>-checkpoints."""
+    max_bad_steps: int = _resumable(5)
     """Non-finite loss or gradient norm skips the step; this many in a row abort the run."""
-    low_memory: bool = False
-    """Lower peak memory for slower steps: freed activations go back to the OS at once (glibc
-    mmap threshold 1 MiB) and LM-head chunks of 64 tokens (measured: 0.5x the reference's peak,
-    0.8x banklora's default speed on 2 cores; README, Performance)."""
+    low_memory: bool = _resumable(False)
+    """Lower peak memory for slower steps: freed activations go back to the OS at once and
+    LM-head chunks of 64 tokens (0.5x the reference's peak, 0.8x the speed; README, Performance)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
-        self.data = tuple(self.data)
+        # one source may be given as a string (YAML `data: my.jsonl`): a tuple of it, not of its characters
+        self.data = (self.data,) if isinstance(self.data, (str, Path)) else tuple(self.data)
+        self.data = tuple(str(d) for d in self.data)
+        if not self.data:
+            raise UsageError("--data needs at least one source, e.g. --data banking")
         if self.dtype in ("fp16", "float16", "half"):
             raise UsageError(
                 "--dtype fp16 is refused for Gemma: its activations reach ~8e5 and overflow float16; "
@@ -116,14 +141,14 @@ class TrainSettings:
         if self.max_steps is not None and self.max_steps < 1:
             raise UsageError(f"--max-steps must be at least 1 (got {self.max_steps})")
         if not 0 <= self.warmup_cap <= 1:
-            raise UsageError(f"warmup_cap must be in [0, 1] (got {self.warmup_cap})")
-        for flag, value in (("--eval-every", self.eval_every), ("--save-every", self.save_every)):
+            raise UsageError(f"--warmup-cap must be in [0, 1] (got {self.warmup_cap})")
+        for flag, value in (("--eval-every", self.eval_every), ("--save-every", self.save_every), ("--warmup-steps", self.warmup_steps)):
             if value < 0:
                 raise UsageError(f"{flag} must be 0 (off) or a number of steps (got {value})")
         if self.keep_checkpoints < 1:
             raise UsageError(f"--keep-checkpoints must be at least 1 (got {self.keep_checkpoints})")
         if self.max_bad_steps < 1:
-            raise UsageError(f"max_bad_steps must be at least 1 (got {self.max_bad_steps})")
+            raise UsageError(f"--max-bad-steps must be at least 1 (got {self.max_bad_steps})")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise UsageError(f"--early-stopping-patience must be at least 1 (got {self.early_stopping_patience})")
         if self.quantize not in (None, "4bit"):
@@ -160,11 +185,82 @@ class GenerationSettings:
             raise UsageError(f"--top-p must be in (0, 1] (got {self.top_p})")
 
 
-# Settings that may change when a run resumes: none of them moves the weights.
-RESUMABLE_CHANGES = frozenset({"save_every", "keep_checkpoints", "max_bad_steps", "eval_every",
-                               "early_stopping_patience", "early_stopping_min_delta", "low_memory"})
+# ------------------------------------------------------------------------------- flags from fields
+@dataclass(frozen=True)
+class Flag:
+    """One command-line option generated from a settings field."""
+
+    key: str  # "epochs", or "lora.r" for the LoRA settings
+    flag: str  # "--epochs", "--lora-r"
+    type: type  # what the CLI parses: int, float, str, bool, or list (repeatable str)
+    help: str  # the field's docstring
+    default: object
+
+    @property
+    def param(self) -> str:
+        """The Python parameter name the CLI passes the value as."""
+        return self.flag.removeprefix("--").replace("-", "_")
 
 
+@lru_cache(maxsize=None)
+def _docstrings(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field), read from the source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _cli_type(cls: type, f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if f.metadata.get("comma"):
+        return str
+    if typing.get_origin(hint) is tuple:
+        return list
+    return args[0] if args and typing.get_origin(hint) is not tuple else hint
+
+
+@lru_cache(maxsize=None)
+def flags() -> tuple[Flag, ...]:
+    """Every training setting as a command-line option, in the order of the fields."""
+    out = []
+    for cls, prefix in ((TrainSettings, ""), (LoraSettings, "lora.")):
+        docs = _docstrings(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "lora":
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            flag = f.metadata.get("flag") or "--" + ("lora-" if prefix else "") + f.name.replace("_", "-")
+            out.append(Flag(prefix + f.name, flag, _cli_type(cls, f), docs.get(f.name, ""), default))
+    return tuple(out)
+
+
+def overrides_from_flags(values: dict[str, object]) -> dict:
+    """{parameter name: value or None} from the CLI -> the overrides load_train_settings takes
+    (only the flags given; LoRA settings nested under "lora")."""
+    out: dict = {"lora": {}}
+    for f in flags():
+        value = values.get(f.param)
+        if value is None:
+            continue
+        value = tuple(value) if f.type is list else value
+        if f.key.startswith("lora."):
+            out["lora"][f.key[5:]] = value
+        else:
+            out[f.key] = value
+    return out
+
+
+def resumable_changes() -> frozenset[str]:
+    """Settings that may change when a run resumes: none of them moves the weights."""
+    return frozenset(f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("resumable"))
+
+
+# ------------------------------------------------------------------------------- YAML
 def load_train_settings(config_file: Path | None, overrides: dict, base: dict | None = None) -> TrainSettings:
     """Defaults < `base` (a checkpoint's settings, when resuming) < YAML file < flags.
 
@@ -173,27 +269,7 @@ def load_train_settings(config_file: Path | None, overrides: dict, base: dict | 
     overrides = dict(overrides)
     values: dict = {}
     if config_file is not None:
-        import yaml
-
-        if not config_file.is_file():
-            raise UsageError(f"--config {config_file} does not exist")
-        try:
-            values = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--config {config_file}: not valid YAML ({exc})") from exc
-        if not isinstance(values, dict):
-            raise UsageError(f"--config {config_file}: expected a mapping of settings at the top level")
-        known = {f.name for f in dataclasses.fields(TrainSettings)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"--config {config_file}: unknown setting(s) {unknown}; known: {sorted(known)}")
-    for key in ("lr", "epochs", "warmup_cap", "weight_decay", "max_grad_norm", "early_stopping_min_delta"):
-        # YAML reads "1e-3" (no dot) as a string; accept it as the number it is meant to be.
-        if isinstance(values.get(key), str):
-            try:
-                values[key] = float(values[key])
-            except ValueError as exc:
-                raise UsageError(f"--config {config_file}: {key} must be a number (got {values[key]!r})") from exc
+        values = _read_yaml(config_file)
     base = dict(base or {})
     lora = dict(base.pop("lora", None) or {})
     lora.update(values.pop("lora", None) or {})
@@ -204,3 +280,32 @@ def load_train_settings(config_file: Path | None, overrides: dict, base: dict | 
         return TrainSettings(**values, lora=LoraSettings(**lora))
     except TypeError as exc:
         raise UsageError(f"--config {config_file}: {exc}") from exc
+
+
+def _read_yaml(config_file: Path) -> dict:
+    import yaml
+
+    if not config_file.is_file():
+        raise UsageError(f"--config {config_file} does not exist")
+    try:
+        values = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {config_file}: not valid YAML ({exc})") from exc
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {config_file}: expected a mapping of settings at the top level")
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"--config {config_file}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    if "lora" in values and not isinstance(values["lora"], dict):
+        raise UsageError(f"--config {config_file}: lora must be a mapping of LoRA settings (r, alpha, ...)")
+    for f in flags():
+        section = values.get("lora", {}) if f.key.startswith("lora.") else values
+        name = f.key.removeprefix("lora.")
+        # YAML reads "1e-3" (no dot) as a string; accept it as the number it is meant to be
+        if f.type is float and isinstance(section.get(name), str):
+            try:
+                section[name] = float(section[name])
+            except ValueError as exc:
+                raise UsageError(f"--config {config_file}: {f.key} must be a number (got {section[name]!r})") from exc
+    return values

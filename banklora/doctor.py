@@ -44,8 +44,9 @@ def run_checks(base_model: str) -> list[Check]:
 
     try:
         start = time.perf_counter()
-        loaded = load(base_model=base_model)
-        checks.append(Check("model", True, f"{loaded.base.name} at {loaded.base.path} (loaded in {time.perf_counter() - start:.1f} s)"))
+        loaded = load(base_model=base_model, verify=True)
+        checks.append(Check("model", True, f"{loaded.base.name} at {loaded.base.path}, weights sha256 {loaded.base.sha256[:12]} verified "
+                                           f"(loaded in {time.perf_counter() - start:.1f} s)"))
     except BankloraError as exc:
         checks.append(Check("model", False, str(exc)))
         return checks

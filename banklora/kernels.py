@@ -16,10 +16,13 @@ modules changes, not their parameters.
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 class _LoraDelta(torch.autograd.Function):
@@ -111,3 +114,18 @@ def install(peft_model) -> int:
             module.forward = types.MethodType(_gelu_mlp_forward, module)
             changed += 1
     return changed
+
+
+def return_freed_memory() -> None:
+    """--low-memory: allocations of 1 MiB and more (activations) get their own mappings, returned
+    to the OS when freed, instead of glibc's heap, whose fragments otherwise keep ~800 MiB of the
+    270M model's peak resident. Costs page faults: ~0.8x the step speed (measured, 2 cores)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if libc.mallopt(-3, 1 << 20) != 1:  # M_MMAP_THRESHOLD
+            raise OSError("mallopt refused M_MMAP_THRESHOLD")
+    except (OSError, AttributeError) as exc:  # not glibc (macOS, musl): nothing to tune
+        log.warning("--low-memory: the allocator could not be tuned here (%s); only the smaller LM-head chunks apply", exc)

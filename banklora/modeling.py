@@ -1,16 +1,16 @@
 """The one loader, and the adapter on disk.
 
 `load()` is the only function in banklora that builds a model: a base model, or a base model
-plus a LoRA adapter. Training, compare, chat and doctor all call it. An adapter directory is
-plain PEFT (adapter_config.json + adapter_model.safetensors) plus the tokenizer with its chat
-template and banklora_meta.json, and it is written to a temporary directory, then renamed.
+plus one or more LoRA adapters. Training, compare, chat and doctor all call it; the serving fast
+paths (banklora/serving.py) are applied here too. An adapter directory is plain PEFT
+(adapter_config.json + adapter_model.safetensors) plus the tokenizer with its chat template,
+banklora_meta.json and a model card (README.md), written to a temporary directory, then renamed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -18,22 +18,19 @@ from pathlib import Path
 
 import torch
 
-from banklora import basemodel
-from banklora.data.format import GEMMA_CHAT_TEMPLATE
+from banklora import basemodel, card, serving
+from banklora.basemodel import BaseModelInfo
+from banklora.data.format import GEMMA_CHAT_TEMPLATE, special_ids
 from banklora.errors import BankloraError, UsageError
+from banklora.io import replace_dir, to_json
+from banklora.serving import ServingSettings
 
 log = logging.getLogger(__name__)
 
 META_FILE = "banklora_meta.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-@dataclass
-class BaseModelInfo:
-    name: str  # what the user asked for: "gemma-3-270m", a directory, or a hub id
-    path: Path  # local directory holding config, safetensors and tokenizer
-    sha256: str  # of the weight files' contents: identifies the base an adapter belongs to
+_DAMAGED_ADAPTER = "train the adapter again, or restore the directory from a backup"
 
 
 @dataclass
@@ -48,55 +45,15 @@ class Loaded:
     adapter_names: list[str] = field(default_factory=list)
 
 
-def resolve_base(spec: str) -> BaseModelInfo:
-    """Find a base model: the embedded name, a local HF checkpoint directory, or a hub id."""
-    path = base_path(spec)
-    manifest = basemodel.read_manifest(path)
-    if manifest is not None:  # the embedded model: hashed once, at conversion
-        sha = manifest["weights_sha256"]
-    else:
-        sha = basemodel.combine_digests([basemodel.sha256_file(w) for w in sorted(path.glob("*.safetensors"))])
-    name = basemodel.EMBEDDED_NAME if spec in (basemodel.EMBEDDED_NAME, "embedded") else spec
-    return BaseModelInfo(name, path, sha)
-
-
-def base_path(spec: str) -> Path:
-    """The local directory of a base model (converting or downloading it if needed), checked."""
-    if spec in (basemodel.EMBEDDED_NAME, "embedded"):
-        return basemodel.embedded_checkpoint()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if not _looks_like_hub_id(spec):
-            raise UsageError(f"--base-model {spec}: no such directory, and not a hub id of the form owner/name")
-        path = _download(spec)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"--base-model {spec}: {path} has no config.json; point it at a Hugging Face checkpoint directory")
-    if not any(path.glob("*.safetensors")):
-        raise UsageError(f"--base-model {spec}: {path} has no .safetensors weights; banklora loads safetensors only (no pickle files)")
-    return path.resolve()
-
-
 def load_tokenizer(base_model: str | None = None):
-    """The tokenizer of a base model, without loading (or hashing) its weights."""
+    """The tokenizer of a base model, without loading (or hashing) its weights; checked to be
+    Gemma's, so a wrong base is a sentence, not a traceback later."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path(base_model or basemodel.EMBEDDED_NAME))
+    tokenizer = AutoTokenizer.from_pretrained(basemodel.tokenizer_path(base_model))
     tokenizer.chat_template = tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
+    special_ids(tokenizer)
     return tokenizer
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    return not spec.startswith((".", "/", "~")) and spec.count("/") == 1
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:  # offline, unknown repo, gated model: all say the same to the user
-        raise UsageError(f"--base-model {repo_id}: not a local directory, and the hub did not provide it ({type(exc).__name__}); download it first or pass a directory") from exc
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -125,13 +82,13 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def read_meta(adapter_dir: Path) -> dict:
-    meta_path = adapter_dir / META_FILE
+    meta_path = Path(adapter_dir) / META_FILE
     if not meta_path.is_file():
         return {}
     try:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{meta_path}:{exc.lineno}: not valid JSON; the adapter's metadata is damaged") from exc
+        raise UsageError(f"{meta_path}:{exc.lineno}: not valid JSON; the adapter's metadata is damaged; {_DAMAGED_ADAPTER}") from exc
 
 
 def load(
@@ -143,8 +100,9 @@ def load(
     training: bool = False,
     more_adapters: tuple[str, ...] = (),
     quantize: str | None = None,
-    merge: bool = False,
-    fp16_weights: bool = False,
+    serve: ServingSettings | None = None,
+    verify: bool = False,
+    tokenizer=None,
 ) -> Loaded:
     """Load a base model, or base + adapter when `model_path` is an adapter directory.
 
@@ -153,14 +111,14 @@ def load(
     LoRA training (eager attention, as transformers recommends for Gemma 3).
     more_adapters are loaded beside the first, each checked against the same base; adapters are
     named after their directories (Loaded.adapter_names); model.set_adapter(name) switches.
-    quantize="4bit" loads the base in NF4 through bitsandbytes (QLoRA; CUDA only); "int8" (CPU,
-    inference only) quantizes the LM head's weights to int8 after loading (and merging).
-    On CPU a merged model's linear layers become DecodeLinear (faster for the few rows of each
-    decoding step); fp16_weights=True (CPU, inference only) adds an fp16 copy of the decoder's
-    weights for single-stream decoding: half the weight traffic per generated token.
-    merge=True folds a single adapter into the base weights (W + B @ A * scale): the same outputs
-    to float rounding, without LoRA's extra matmuls at every layer; for serving one adapter.
+    quantize="4bit" loads the base in NF4 through bitsandbytes (QLoRA; CUDA only).
+    serve: the CPU fast paths for answering (merge, int8 head, fp16 weights; banklora/serving.py).
+    verify=True checks the base weights' sha256 (about 1 s per GB), for commands where that is
+    small next to their own run; without it, only files changed since their last hash are hashed.
+    tokenizer: the base's tokenizer when the caller has loaded it already (load_tokenizer), so its
+    33 MB of JSON are not parsed twice.
     """
+    serve = serve or ServingSettings()
     adapter_dir, meta = None, None
     if model_path is not None and is_adapter_dir(model_path):
         adapter_dir = Path(model_path)
@@ -170,127 +128,82 @@ def load(
         path = Path(model_path).expanduser()
         if path.is_dir() and not (path / "config.json").is_file():
             raise UsageError(f"{model_path} is neither an adapter (no {ADAPTER_CONFIG}) nor a model directory (no config.json)")
-        if not path.exists() and model_path not in (basemodel.EMBEDDED_NAME, "embedded") and not _looks_like_hub_id(model_path):
+        if not path.exists() and not basemodel.is_embedded(model_path) and not basemodel.looks_like_hub_id(model_path):
             raise UsageError(f"{model_path} does not exist; train an adapter there with `banklora train --output-dir {model_path}`")
         base_model = model_path
-    base = resolve_base(base_model or basemodel.EMBEDDED_NAME)
-    if adapter_dir is not None:
-        _check_adapter(adapter_dir, meta, base)
+    adapters = [adapter_dir, *map(Path, more_adapters)] if adapter_dir is not None else []
+    if more_adapters and adapter_dir is None:
+        raise UsageError("more adapters were given, but the first model path is not an adapter")
+    dev = pick_device(device)
+    serve.check(training=training, device=dev, adapters=len(adapters))
+    base = basemodel.resolve(base_model, verify=verify)
+    for path in adapters:
+        _check_adapter(path, meta if path == adapter_dir else read_meta(path), base)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = pick_device(device)
+    if tokenizer is None or adapter_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base.path)
+        tokenizer.chat_template = tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
+    special_ids(tokenizer)  # a non-Gemma tokenizer: a sentence now, before the weights load
     torch_dtype = pick_dtype(dtype, dev)
-    for wanted, what in ((quantize == "int8", "int8"), (fp16_weights, "fp16")):
-        if wanted and (training or dev.type != "cpu"):
-            raise UsageError(f"{what} weights are for CPU inference (chat, serving); on a GPU bf16 is already fast")
-    merged = merge and not more_adapters  # one adapter folded in, or a base model alone
-    if fp16_weights and adapter_dir is not None and not merged:
-        raise UsageError("fp16 weights need the adapter merged (one adapter, merge=True)")
     extra = {}
+    if quantize not in (None, "4bit"):
+        raise UsageError(f"--quantize takes 4bit (QLoRA) or nothing (got {quantize!r}); the int8 head is ServingSettings(int8_head=True)")
     if quantize == "4bit":
+        _check_qlora(dev)
         from transformers import BitsAndBytesConfig
 
         torch_dtype = torch.bfloat16
         extra = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                                            bnb_4bit_compute_dtype=torch.bfloat16), "device_map": {"": dev}}
     model = AutoModelForCausalLM.from_pretrained(
-        base.path,
-        dtype=torch_dtype,
-        use_safetensors=True,
-        attn_implementation="eager" if training else "sdpa",
-        **extra,
+        base.path, dtype=torch_dtype, use_safetensors=True, attn_implementation="eager" if training else "sdpa", **extra
     )
     if quantize != "4bit":
         model = model.to(dev)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base.path)
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-    names: list[str] = []
-    if adapter_dir is not None:
+    names = adapter_names([str(p) for p in adapters])
+    if adapters:
         from peft import PeftModel
 
-        names = adapter_names([str(adapter_dir), *more_adapters])
-        model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=names[0], is_trainable=False)
-        for name, path in zip(names[1:], more_adapters):
-            path = Path(path)
-            if not is_adapter_dir(path):
-                raise UsageError(f"{path} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
-            _check_adapter(path, read_meta(path), base)
+        model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0], is_trainable=False)
+        for name, path in zip(names[1:], adapters[1:]):
             model.load_adapter(path, adapter_name=name, is_trainable=False)
         model.set_adapter(names[0])
-        if merged:
-            model = model.merge_and_unload()
-    elif more_adapters:
-        raise UsageError("more adapters were given, but the first model path is not an adapter")
     model.eval()
-    if quantize == "int8":
-        model = _int8_head(model)
-    if dev.type == "cpu" and not training and (merged or fp16_weights):  # a plain model here: no LoRA layers to keep intact
-        _decode_linears(model, fp16=fp16_weights)
+    if not training:
+        model = serving.apply(model, serve, dev, len(adapters))
     return Loaded(model, tokenizer, base, dev, torch_dtype, adapter_dir, meta, names)
 
 
-def _int8_head(model):
-    """Dynamic int8 quantization of the LM head (weights int8 per output row, activations quantized
-    on the fly). The head (262,144 x 640) is ~60% of each decoded token's work and weight traffic.
-    Only the head: with the decoder's layers in int8 too, Gemma's large activations (~8e5) lose
-    their precision and the answers fall apart (measured: reference perplexity 27 -> 70-98)."""
-    import warnings
+def add_lora(model, lora, quantized: bool = False):
+    """The base model wrapped with new trainable LoRA layers (PEFT), as `lora` (LoraSettings) says."""
+    from peft import LoraConfig, get_peft_model
 
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "vision" not in name})
+    unknown = [t for t in lora.target_modules if t not in linear]
+    if unknown:
+        raise UsageError(f"--lora-targets: {', '.join(unknown)} is not a linear layer of this model; choose from {', '.join(linear)}")
+    targets: list[str] | str = list(lora.target_modules)
+    if any("vision_tower" in name for name, _ in model.named_modules()):
+        # Gemma 3 4B and larger carry a vision tower: adapt the language model only.
+        targets = rf".*language_model.*\.({'|'.join(lora.target_modules)})"
+    if quantized:
+        from peft import prepare_model_for_kbit_training
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's notice that its quantized tensor types will move
-        # one scale per output row: a single scale per tensor ruins Gemma's answers (measured)
-        return quantize_dynamic(model, {"lm_head": per_channel_dynamic_qconfig}, dtype=torch.qint8)
-
-
-class DecodeLinear(torch.nn.Module):
-    """A frozen linear layer for CPU generation, where each decoding step multiplies a few rows.
-
-    Measured on 2 cores over the 270M decoder's 126 projections: F.linear takes 75-100 ms for 2-16
-    rows where W @ x^T takes 37-67 ms (the same fp32 products, another summation order), and for
-    one row an fp16 copy of W (half the bytes read) takes 17 ms against 40. So: one row (and two)
-    with the fp16 copy when there is one, up to SMALL_ROWS with W @ x^T, more (the prompt) with
-    F.linear. An fp16 product that is not finite (Gemma's activations can exceed fp16's range) is
-    redone in fp32, so nothing overflows. The fp32 weight is the original parameter (still tied
-    where the model ties it).
-    """
-
-    HALF_ROWS, SMALL_ROWS = 2, 16
-
-    def __init__(self, linear: torch.nn.Linear, fp16: bool) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.register_buffer("weight16", linear.weight.detach().to(torch.float16) if fp16 else None, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > self.SMALL_ROWS or x.dtype != self.weight.dtype:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)
-        y = None
-        if self.weight16 is not None and rows <= self.HALF_ROWS:
-            y = torch.nn.functional.linear(flat.to(torch.float16), self.weight16).to(x.dtype)
-            if not bool(torch.isfinite(y).all()):
-                y = None
-        if y is None:
-            y = torch.mm(self.weight, flat.T).T
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, target_modules=targets,
+                        use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
-def _decode_linears(model, fp16: bool) -> None:
-    """Every plain linear layer becomes a DecodeLinear; fp16 copies for all but the LM head (an
-    fp16 head reads twice the bytes of the int8 one and measured slower)."""
-    head = model.get_output_embeddings()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(parent, name, DecodeLinear(child, fp16=fp16 and child is not head))
+def _check_qlora(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise UsageError("--quantize 4bit (QLoRA) needs a CUDA GPU; bitsandbytes' 4-bit layers do not train on this CPU. Train without --quantize (fp32 LoRA)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise UsageError("--quantize 4bit needs bitsandbytes: pip install 'banklora[qlora]'") from exc
 
 
 def adapter_names(paths: list[str]) -> list[str]:
@@ -306,7 +219,15 @@ def adapter_names(paths: list[str]) -> list[str]:
 
 
 def _peft_base(adapter_dir: Path) -> str | None:
-    return json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    return _adapter_config(adapter_dir).get("base_model_name_or_path")
+
+
+def _adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is damaged: not valid JSON ({exc}); {_DAMAGED_ADAPTER}") from exc
 
 
 def _has_tokenizer(directory: Path) -> bool:
@@ -314,8 +235,14 @@ def _has_tokenizer(directory: Path) -> bool:
 
 
 def _check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) -> None:
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+    """The adapter's files are whole and it belongs to this base (by the base weights' sha256)."""
+    if not is_adapter_dir(adapter_dir):
+        raise UsageError(f"{adapter_dir} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    _adapter_config(adapter_dir)
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
         raise UsageError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}; banklora loads safetensors adapters only")
+    basemodel.check_safetensors(weights, _DAMAGED_ADAPTER)
     trained_on = (meta or {}).get("base_model", {}).get("sha256")
     if trained_on and trained_on != base.sha256:
         raise UsageError(
@@ -326,7 +253,8 @@ def _check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) ->
 
 
 def save_adapter(model, tokenizer, output_dir: Path, meta: dict, extras: dict[str, Path] | None = None, state_dict: dict | None = None) -> Path:
-    """Write adapter + tokenizer + metadata to a temporary directory, then rename into place.
+    """Write adapter + tokenizer + metadata + model card to a temporary directory, then rename it
+    into place.
 
     extras: {name: file or directory} copied in as well (metrics, loss curve, the best adapter).
     state_dict: the model's full state when it is sharded across processes (FSDP), else None.
@@ -335,45 +263,21 @@ def save_adapter(model, tokenizer, output_dir: Path, meta: dict, extras: dict[st
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tensors = {n: p for n, p in model.named_parameters() if p.requires_grad} if state_dict is None else {n: p for n, p in state_dict.items() if "lora_" in n}
         bad = [n for n, p in tensors.items() if not torch.isfinite(p).all()]
         if bad:
             raise BankloraError(f"refusing to save: {len(bad)} adapter tensors hold NaN or inf (e.g. {bad[0]})")
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        # save_embedding_layers=False: LoRA never trains the embeddings here, and PEFT would ask the hub about the base
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, save_embedding_layers=False)
         tokenizer.chat_template = tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
         tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=_json_default))
+        (tmp / META_FILE).write_text(to_json(meta, indent=2))
+        (tmp / card.FILE).write_text(card.model_card(meta, _adapter_config(tmp)), encoding="utf-8")  # in place of PEFT's empty template
         for name, source in (extras or {}).items():
             (shutil.copytree if Path(source).is_dir() else shutil.copy2)(source, tmp / name)
-        if output_dir.exists():
-            output_dir.rename(old)
-        try:
-            tmp.rename(output_dir)
-        except OSError:
-            if old.exists():
-                old.rename(output_dir)  # put the previous adapter back
-            raise
+        replace_dir(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if output_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
     return output_dir
-
-
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"cannot write {type(value).__name__} to metadata")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a report so a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

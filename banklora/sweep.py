@@ -15,10 +15,10 @@ import json
 import logging
 from pathlib import Path
 
-from banklora import checkpoint
 from banklora.config import TrainSettings
 from banklora.errors import UsageError
-from banklora.modeling import atomic_write_text, is_adapter_dir, read_meta
+from banklora.io import atomic_write_json, atomic_write_text
+from banklora.modeling import is_adapter_dir, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ def run_sweep(base: TrainSettings, ranks: list[int], alphas: list[int], lrs: lis
             log.info("[%d/%d] %s: already trained, reusing %s", i, len(trials), name, settings.output_dir)
         else:
             log.info("[%d/%d] %s: training", i, len(trials), name)
-            resume = True if checkpoint.latest(settings.checkpoints) else None
-            meta = train(settings, show_progress=show_progress, resume=resume).meta
+            meta = train(settings, show_progress=show_progress, resume="auto").meta  # an interrupted setting continues
         if not meta.get("validation_loss"):
             raise UsageError(f"sweep: {', '.join(base.data)} has no validation examples (split: validation) to compare the settings on")
         finite = [x for x in meta["loss_per_step"] if x is not None]
@@ -91,7 +90,7 @@ def run_sweep(base: TrainSettings, ranks: list[int], alphas: list[int], lrs: lis
 def write_sweep_report(rows: list[dict], root: Path) -> tuple[Path, Path]:
     """sweep.json and sweep.md in the sweep's directory."""
     json_path, md_path = root / "sweep.json", root / "sweep.md"
-    atomic_write_text(json_path, json.dumps(rows, indent=2, ensure_ascii=False))
+    atomic_write_json(json_path, rows)
     lines = ["| | setting | r | alpha | lr | train loss | validation loss | best validation (step) | seconds |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         best = row["best_validation"] or {}

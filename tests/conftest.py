@@ -1,10 +1,13 @@
-"""Fixtures: the real Gemma tokenizer and a tiny random Gemma3 built here (no download)."""
+"""Fixtures: the real Gemma tokenizer (converted alone, without the weights), a tiny random Gemma3
+built here (no download), and the command line in-process and as a program."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,10 +23,11 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(embedded_dir):
+def tokenizer():
+    """The embedded model's Gemma tokenizer; only the end-to-end tests convert the weights."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(embedded_dir)
+    return AutoTokenizer.from_pretrained(basemodel.tokenizer_path(None))
 
 
 def _tiny_gemma(directory: Path, tokenizer, seed: int) -> Path:
@@ -65,6 +69,16 @@ def other_tiny_base(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """6 training and 2 validation pairs: 3 steps per epoch at batch 2."""
+    records = [{"instruction": f"问题{i}：如何办理业务{i}？", "output": f"回答{i}：请携带身份证到网点办理，以银行最新公告为准。", "split": "train"} for i in range(6)]
+    records += [{"instruction": f"验证问题{i}", "output": f"验证回答{i}，请咨询客服。", "split": "validation"} for i in range(2)]
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory, tiny_base) -> Path:
     """A LoRA adapter trained for a few steps on tiny_base."""
     from banklora.config import TrainSettings
@@ -79,12 +93,31 @@ def seed_batch(tokenizer, n: int = 4) -> dict:
     """The first n banking-seed pairs as one training batch (input_ids, attention_mask, labels)."""
     from banklora.data.dataset import load_examples
     from banklora.data.prepare import prepare
-    from banklora.train import collate
+    from banklora.data.batching import collate
 
     return collate(prepare(load_examples(["banking-seed"])[:n], tokenizer, 512).encoded, pad_id=0)
 
 
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str, columns: int = 200) -> CliResult:
+    """Run the `banklora` command line in this process (typer's runner): the same parsing, error
+    sentences and exit codes as the program, without a new interpreter and imports per call."""
+    from typer.testing import CliRunner
+
+    from banklora.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": str(columns)}, catch_exceptions=False)
+    return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real `banklora` command line in a subprocess."""
+    """Run the real `banklora` program in a subprocess (for what needs its own process: signals,
+    torchrun, the allocator, and one smoke test of the installed entry point)."""
     env = dict(os.environ, COLUMNS="200", BANKLORA_LOG_LEVEL="WARNING")
     return subprocess.run([sys.executable, "-m", "banklora", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)

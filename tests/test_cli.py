@@ -1,9 +1,14 @@
-"""The command line on bad input: a sentence that names the problem, exit code 2, nothing written."""
+"""The command line on bad input: a sentence that names the problem, exit code 2, nothing written.
+
+Most run in-process through typer's runner (the same parsing, messages and exit codes); one
+smoke test runs the installed program in its own process.
+"""
 
 import io
 import json
+import re
 
-from conftest import run_cli
+from conftest import cli, run_cli
 
 from banklora.chat import Conversation, repl
 from banklora.config import GenerationSettings
@@ -12,7 +17,7 @@ from banklora.generate import generate_batch
 from banklora.modeling import load
 
 
-def test_missing_data_file_exit_2_and_no_adapter(tmp_path):
+def test_the_program_refuses_a_missing_data_file_with_exit_2_and_no_adapter(tmp_path):
     out = tmp_path / "adapter"
     result = run_cli("train", "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(out))
     assert result.returncode == 2
@@ -24,32 +29,63 @@ def test_missing_data_file_exit_2_and_no_adapter(tmp_path):
 def test_malformed_data_names_line_and_field(tmp_path):
     bad = tmp_path / "faq.jsonl"
     bad.write_text('{"instruction": "开户需要什么？", "output": "身份证"}\n{"instruction": "挂失", "outptu": "x"}\n')
-    result = run_cli("train", "--data", str(bad), "--output-dir", str(tmp_path / "a"))
+    result = cli("train", "--data", str(bad), "--output-dir", str(tmp_path / "a"))
     assert result.returncode == 2
     assert f"{bad}:2: field 'output' is missing" in " ".join(result.stderr.split())
     assert list(tmp_path.iterdir()) == [bad]
 
 
 def test_fp16_refused(tmp_path):
-    result = run_cli("train", "--dtype", "fp16", "--output-dir", str(tmp_path / "a"))
+    result = cli("train", "--dtype", "fp16", "--output-dir", str(tmp_path / "a"))
     assert result.returncode == 2 and "fp16 is refused for Gemma" in result.stderr
 
 
 def test_compare_with_missing_adapter(tmp_path):
-    result = run_cli("compare", "--peft-model-path", str(tmp_path / "none"))
+    result = cli("compare", "--peft-model-path", str(tmp_path / "none"))
     assert result.returncode == 2
     assert "does not exist; train an adapter first" in " ".join(result.stderr.split())
     assert not (tmp_path / "reports").exists()
 
 
 def test_adapter_trained_on_another_base_is_refused(tiny_adapter, other_tiny_base):
-    result = run_cli("chat", "--model-path", str(tiny_adapter), "--base-model", str(other_tiny_base), "--prompt", "你好")
+    result = cli("chat", "--model-path", str(tiny_adapter), "--base-model", str(other_tiny_base), "--prompt", "你好")
     assert result.returncode == 2
     assert "was trained on base model" in " ".join(result.stderr.split())
 
 
+def test_a_truncated_adapter_is_named_as_damaged(tiny_adapter, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_adapter, damaged)
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    result = cli("chat", "--model-path", str(damaged), "--prompt", "你好")
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2, result.stderr
+    assert f"{weights} is damaged" in message and "truncated" in message and "train the adapter again" in message
+
+
+def test_a_base_with_a_foreign_tokenizer_is_refused_before_training(tiny_base, tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    foreign = tmp_path / "not-gemma"
+    foreign.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_base / name, foreign / name)
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "</s>": 2}, unk_token="[UNK]"))
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", bos_token="<s>", eos_token="</s>").save_pretrained(foreign)
+    result = cli("train", "--base-model", str(foreign), "--output-dir", str(tmp_path / "a"), "--max-steps", "1")
+    assert result.returncode == 2, result.stderr
+    assert "not a Gemma tokenizer" in " ".join(result.stderr.split())
+    assert not (tmp_path / "a").exists()
+
+
 def test_chat_one_shot_prompt_on_tiny_adapter(tiny_adapter):
-    result = run_cli("chat", "--model-path", str(tiny_adapter), "--prompt", "怎么开户？", "--max-new-tokens", "5", "--temperature", "0", "--no-stream")
+    result = cli("chat", "--model-path", str(tiny_adapter), "--prompt", "怎么开户？", "--max-new-tokens", "5", "--temperature", "0", "--no-stream")
     assert result.returncode == 0, result.stderr
     # the CLI prints exactly the greedy answer of the adapter it loaded
     loaded = load(str(tiny_adapter))
@@ -76,14 +112,16 @@ def test_repl_commands_history_and_reset(tiny_adapter):
     assert len(seen_prompts) == 6  # stopped reading at /exit
 
 
-def test_history_is_trimmed_oldest_first(tokenizer):
+def test_history_is_trimmed_oldest_first_and_kept_when_a_message_is_too_long(tokenizer):
     conv = Conversation(tokenizer, max_context=60, max_new_tokens=10)
     for i in range(5):
         ids = conv.prompt_for(f"第{i}个问题：请详细说明开户流程")
         assert ids is not None and len(ids) + 10 <= 60
         conv.answered(f"第{i}个回答：需要身份证")
     assert conv.turns[0]["content"].startswith("第4") or conv.turns[0]["content"].startswith("第3")
+    before = list(conv.turns)
     assert conv.prompt_for("很长" * 200) is None  # alone it cannot fit
+    assert conv.turns == before  # and the conversation so far is still there
 
 
 class _InterruptOnFirstPiece(io.StringIO):
@@ -113,41 +151,112 @@ def test_ctrl_c_stops_the_answer_but_not_the_chat(tiny_adapter):
 
 
 def test_doctor_reports_each_check(tiny_base, tmp_path):
-    ok = run_cli("doctor", "--base-model", str(tiny_base))
+    ok = cli("doctor", "--base-model", str(tiny_base))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     for check in ("python", "libraries", "device", "threads", "model", "generation"):
         assert f" {check}" in ok.stdout
-    assert "everything is ready" in ok.stdout
+    assert "verified" in ok.stdout and "everything is ready" in ok.stdout
 
-    broken = run_cli("doctor", "--base-model", str(tmp_path / "missing"))
-    assert broken.returncode != 0
+    broken = cli("doctor", "--base-model", str(tmp_path / "missing"))
+    assert broken.returncode == 1
     assert "FAIL" in broken.stdout and "no such directory" in broken.stdout
 
 
-def test_data_tools_stats_check_augment_export(tmp_path):
+def test_data_tools_stats_check_augment_export_scan_register(tmp_path, monkeypatch):
     plot = tmp_path / "stats.png"
-    stats = run_cli("data", "stats", "--plot", str(plot))
+    stats = cli("data", "stats", "--plot", str(plot))
     assert stats.returncode == 0, stats.stderr
     assert "360 examples" in stats.stdout and "p50" in stats.stdout and "12 categories" in stats.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     augmented = tmp_path / "augmented.jsonl"
-    assert run_cli("data", "augment", "--output", str(augmented)).returncode == 0
+    assert cli("data", "augment", "--output", str(augmented)).returncode == 0
     rows = [json.loads(line) for line in augmented.read_text().splitlines()]
     assert len(rows) > 360 and sum(r["id"].endswith("-aug1") for r in rows) == sum(r["split"] == "train" for r in rows[:360])
-    check = run_cli("data", "check", "--data", str(augmented))
+    check = cli("data", "check", "--data", str(augmented))
     assert check.returncode == 0 and "no leakage" in check.stdout
 
     leaky = tmp_path / "leaky.jsonl"
     leaky.write_text(json.dumps({"instruction": "信用卡逾期了会有什么后果？", "output": "x", "split": "test"}, ensure_ascii=False) + "\n")
-    leak = run_cli("data", "check", "--data", "banking", "--data", str(leaky))
+    leak = cli("data", "check", "--data", "banking", "--data", str(leaky))
     assert leak.returncode == 1 and "LEAK" in leak.stdout and "near-copies" in leak.stderr
 
     pii = tmp_path / "pii.jsonl"
     pii.write_text(json.dumps({"instruction": "我的卡号4111111111111111被冻结了", "output": "请携带身份证到网点处理。"}, ensure_ascii=False) + "\n")
-    refused = run_cli("train", "--data", str(pii), "--output-dir", str(tmp_path / "never"))
+    scan = cli("data", "scan", "--data", str(pii))
+    assert scan.returncode == 1 and f"{pii}:1: field 'instruction': bank_card" in scan.stdout
+    assert cli("data", "scan").stdout.strip() == "no personal data found in banking"
+    refused = cli("train", "--data", str(pii), "--output-dir", str(tmp_path / "never"))
     assert refused.returncode == 2 and f"{pii}:1: field 'instruction': bank_card" in refused.stderr
     assert not (tmp_path / "never").exists()
     exported = tmp_path / "clean.jsonl"
-    assert run_cli("data", "export", "--data", str(pii), "--redact", "--output", str(exported)).returncode == 0
+    assert cli("data", "export", "--data", str(pii), "--redact", "--output", str(exported)).returncode == 0
     assert json.loads(exported.read_text())["instruction"] == "我的卡号[银行卡号]被冻结了"
+
+    monkeypatch.chdir(tmp_path)  # the registry file lives in the working directory
+    registered = cli("data", "register", "clean_faq", str(exported), "--description", "cleaned")
+    assert registered.returncode == 0 and "banklora_datasets.yaml" in registered.stdout
+    assert "1 examples from clean_faq" in cli("data", "stats", "--data", "clean_faq").stdout
+    assert cli("data", "register", "banking", str(exported)).returncode == 2  # a built-in name
+
+
+def _commands(group, prefix=()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # a group (typer's groups are not click.Group subclasses)
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def test_every_commands_help_fits_80_columns_and_names_every_flag_in_full():
+    import typer
+
+    from banklora.cli import app
+
+    commands = list(_commands(typer.main.get_command(app)))
+    assert len(commands) >= 12
+    for path, command in commands:
+        result = cli(*path, "--help", columns=80)
+        text = result.stdout
+        assert result.returncode == 0, path
+        assert max(len(line) for line in text.splitlines()) <= 80, (path, max(text.splitlines(), key=len))
+        for param in command.params:
+            for flag in param.opts + param.secondary_opts:
+                if flag.startswith("--"):
+                    assert re.search(rf"(^|[\s,/]){re.escape(flag)}([\s,=/]|$)", text, re.MULTILINE), (path, flag)
+
+
+def test_quickstart_runs_data_train_compare_on_a_given_base(tiny_base, tmp_path):
+    out = tmp_path / "quick"
+    result = cli("quickstart", "--base-model", str(tiny_base), "--output-dir", str(out), "--max-steps", "2")
+    assert result.returncode == 0, result.stderr
+    for stage in ("1/3 data", "2/3 train", "3/3 compare", "quickstart finished", f"banklora chat --model-path {out}"):
+        assert stage in result.stdout, stage
+    meta = json.loads((out / "banklora_meta.json").read_text())
+    assert meta["training"]["data"] == ["banking-seed"] and meta["training"]["epochs"] == 5.0 and meta["training"]["lr"] == 1e-3
+    assert meta["base_model"]["path"] == str(tiny_base) and meta["training"]["steps_done"] == 2
+    report = json.loads((tmp_path / "reports" / "quick_compare.json").read_text())
+    assert report["models"] == ["base", "quick"] and len(report["questions"]) == 8
+    assert meta["evaluation"]["questions"] == 8  # the model card now carries the comparison
+    assert "### banklora compare (8 questions from banking-eval" in (out / "README.md").read_text()
+
+
+def test_the_readme_flag_table_holds_every_setting_with_its_default():
+    from pathlib import Path
+
+    from banklora.config import flags
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("| flag | default | |", 1)[1].split("\n\n", 1)[0]
+    shown = {}
+    for row in table.splitlines()[2:]:
+        names, defaults = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        names = [n.strip("` ").split()[0] for n in names.split(" / ")]
+        values = [d.strip("` ") for d in defaults.split(" / ")] if " / " in defaults else [defaults.strip("` ")] * len(names)
+        shown.update(zip(names, values))
+    for f in flags():
+        assert f.flag in shown, f"{f.flag} is missing from the README's table"
+        if f.default is None:
+            continue  # shown in words (all, off, <output-dir>-checkpoints)
+        expected = ("on" if f.default else "off") if f.type is bool else ",".join(f.default) if isinstance(f.default, tuple) else str(f.default)
+        assert shown[f.flag] == expected, (f.flag, shown[f.flag], expected)

@@ -1,5 +1,6 @@
 """The built-in dataset and loading user data with errors that name file, line and field."""
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -112,3 +113,27 @@ def test_named_datasets_from_the_registry(tmp_path, monkeypatch):
         register_dataset("banking", data)
     with pytest.raises(UsageError, match="does not exist"):
         load_examples(["not_registered"])
+
+
+def test_a_single_data_source_in_yaml_is_one_source_not_its_characters(tmp_path):
+    from banklora.config import TrainSettings, load_train_settings
+
+    assert TrainSettings(data="my.jsonl").data == ("my.jsonl",)
+    config = tmp_path / "run.yaml"
+    config.write_text("data: my_faq.jsonl\n")
+    assert load_train_settings(config, {}).data == ("my_faq.jsonl",)
+    with pytest.raises(UsageError, match="--data needs at least one source"):
+        TrainSettings(data=())
+
+
+def test_a_valid_copy_of_an_over_long_question_is_kept_not_called_a_duplicate(tokenizer):
+    from banklora.data.dataset import Example
+    from banklora.data.prepare import prepare
+
+    long = Example(instruction="信用卡怎么提额？", output="很长的回答。" * 200, source="faq.jsonl:1")
+    short = Example(instruction="信用卡怎么提额？", output="按时还款、增加用卡，可在手机银行申请临时或固定额度调整。", source="faq.jsonl:2")
+    again = dataclasses.replace(short, source="faq.jsonl:3")
+    prepared = prepare([long, short, again], tokenizer, max_length=128)
+    assert [e.source for e in prepared.examples] == ["faq.jsonl:2"]
+    assert dict(prepared.dropped) == {"over max length": 1, "duplicate": 1}
+    assert prepared.drops[1] == "faq.jsonl:3: duplicate of faq.jsonl:2"

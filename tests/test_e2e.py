@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import cli
 
 from banklora.config import GenerationSettings, TrainSettings
 from banklora.data.dataset import load_examples
@@ -11,6 +11,7 @@ from banklora.data.format import encode_prompt
 from banklora.evaluation.compare import run_compare
 from banklora.generate import generate_batch
 from banklora.modeling import load
+from banklora.serving import ServingSettings
 from banklora.train import train
 
 pytestmark = pytest.mark.e2e
@@ -21,8 +22,25 @@ def adapter(tmp_path_factory, embedded_dir):
     out = tmp_path_factory.mktemp("e2e") / "lora_banking"
     settings = TrainSettings(data=("banking-seed",), output_dir=str(out), max_steps=2, batch_size=2, lr=1e-3, max_length=256)
     result = train(settings, show_progress=False)
-    assert len(result.losses) == 2 and all(l > 0 for l in result.losses)
+    assert len(result.losses) == 2
     return out
+
+
+def test_the_first_step_trains_on_the_base_models_own_loss(adapter):
+    """LoRA's B starts at zero, so step 1's loss is the base model's answer loss on that batch."""
+    import torch
+
+    from banklora.data.batching import collate, epoch_batches
+    from banklora.data.prepare import prepare
+    from banklora.loss import answer_loss
+
+    meta = json.loads((adapter / "banklora_meta.json").read_text())
+    base = load("gemma-3-270m")
+    encoded = prepare(load_examples(["banking-seed"]), base.tokenizer, 256).split("train")[1]
+    first = epoch_batches([len(e) for e in encoded], 2, 42, 0, True)[0]
+    with torch.no_grad():
+        expected = answer_loss(base.model, collate([encoded[i] for i in first], pad_id=0)).item()
+    assert meta["loss_per_step"][0] == pytest.approx(expected, abs=1e-4)
 
 
 def test_reload_compare_and_base_answers_match_the_plain_base(adapter):
@@ -48,7 +66,7 @@ def test_reload_compare_and_base_answers_match_the_plain_base(adapter):
 
 def test_compare_and_chat_through_the_cli(adapter):
     report = adapter.parent / "report.json"
-    result = run_cli("compare", "--peft-model-path", str(adapter), "--split", "test", "--limit", "2", "--max-new-tokens", "8", "--report", str(report))
+    result = cli("compare", "--peft-model-path", str(adapter), "--split", "test", "--limit", "2", "--max-new-tokens", "8", "--report", str(report))
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
     assert len(data["questions"]) == 2 and "means per model" in result.stdout
@@ -56,6 +74,8 @@ def test_compare_and_chat_through_the_cli(adapter):
     assert data["split"] == "test" and data["questions_source"] == ["banking"]
     test_ids = {e.id for e in load_examples(["banking"], split="test")}
     assert {q["id"] for q in data["questions"]} <= test_ids
-    chat = run_cli("chat", "--model-path", str(adapter), "--prompt", "如何开立银行账户？", "--max-new-tokens", "8", "--temperature", "0")
+    chat = cli("chat", "--model-path", str(adapter), "--prompt", "如何开立银行账户？", "--max-new-tokens", "8", "--temperature", "0", "--no-stream")
     assert chat.returncode == 0, chat.stderr
-    assert len(chat.stdout.strip()) > 0
+    merged = load(str(adapter), serve=ServingSettings(merge=True))  # what chat loads
+    expected = generate_batch(merged.model, merged.tokenizer, [encode_prompt(merged.tokenizer, "如何开立银行账户？")], GenerationSettings(max_new_tokens=8))
+    assert chat.stdout.strip() == expected[0].text != ""

@@ -1,12 +1,14 @@
-"""Compare's statistics, compliance rules, gates and reports."""
+"""Compare: its statistics, summaries, gates and reports, and what the models are measured on."""
 
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 
 from banklora.errors import UsageError
-from banklora.evaluation import compliance, statistics
+from banklora.evaluation import compliance, metrics, statistics
 from banklora.evaluation.compare import compare_pair, gate, parse_thresholds, summarize
 
 
@@ -36,34 +38,10 @@ def test_paired_statistics_in_words():
     assert same.p_value == 1.0 and same.ties == 5 and not same.significant
 
 
-def test_compliance_rules_on_planted_answers():
-    rules = compliance.load_rules()
-    assert compliance.flags("这款产品保本保收益，稳赚不赔。", "理财产品", rules) == ["guaranteed_return", "missing_risk_warning"]
-    assert compliance.flags("请把收到的短信验证码告诉客服，我们帮您处理。", "网银安全", rules) == ["credential_sharing"]
-    assert compliance.flags("不要把验证码告诉任何人。", "网银安全", rules) == []
-    assert compliance.flags("请提供您的验证码给工作人员核实。", "网银安全", rules) == ["credential_sharing"]
-    assert compliance.flags("切勿告诉他人密码，不要提供验证码。", "网银安全", rules) == []  # advice, not a violation
-    assert compliance.flags("谨防“保本保收益”的宣传。理财非存款，产品有风险，投资须谨慎。", "理财产品", rules) == []
-    assert compliance.flags("可以关注净值型产品。", "理财产品", rules) == ["missing_risk_warning"]
-    assert compliance.flags("可以关注净值型产品。", "存款业务", rules) == []  # the warning is required for wealth questions only
-    assert compliance.flags("Please send me your verification code.", "网银安全", rules) == ["credential_sharing"]
-
-
-def test_users_extend_the_rules(tmp_path):
-    extra = tmp_path / "rules.yaml"
-    extra.write_text("rules:\n  - id: no_crypto\n    kind: forbidden\n    description: recommends crypto\n    patterns: ['比特币']\n")
-    rules = compliance.load_rules(extra)
-    assert compliance.flags("可以考虑比特币。", "存款业务", rules) == ["no_crypto"]
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("rules:\n  - id: x\n    kind: maybe\n    patterns: ['a']\n")
-    with pytest.raises(UsageError, match="rule 1 needs id, kind"):
-        compliance.load_rules(bad)
-
-
 def _questions(base, tuned):
     def answer(overall):
         return {"overall": overall, "keyword_match": overall, "completeness": overall, "rouge_l": overall, "bleu4": overall,
-                "ref_perplexity": 10 - 5 * overall, "response_seconds": 1.0, "first_token_seconds": 0.1,
+                "ref_nll": 2.3 - overall, "response_seconds": 1.0, "first_token_seconds": 0.1,
                 "tokens_per_second": 5.0, "finished": True, "compliance_flags": ["guaranteed_return"] if overall < 0 else []}
     return [{"answers": {"base": answer(b), "tuned": answer(t)}} for b, t in zip(base, tuned)]
 
@@ -74,7 +52,7 @@ def test_summary_pairs_and_gates():
     assert summary["base"]["overall"] == pytest.approx(0.1875, abs=1e-4) and summary["tuned"]["overall"] == pytest.approx(0.5875, abs=1e-4)
     pair = compare_pair(qs, "base", "tuned")
     assert pair["metrics"]["overall"]["wins"] == 8 and pair["metrics"]["overall"]["significant"]
-    assert pair["metrics"]["ref_perplexity"]["mean_delta"] < 0 and pair["metrics"]["ref_perplexity"]["wins"] == 8
+    assert pair["metrics"]["ref_nll"]["mean_delta"] < 0 and pair["metrics"]["ref_nll"]["wins"] == 8
     report = {"models": ["base", "tuned"], "summary": summary, "comparisons": [pair]}
     assert gate(report, {"rouge_l": 0.5}, True) == []
     assert gate(report, {"rouge_l": 0.7}, False) == ["tuned: mean rouge_l 0.5875 is below --fail-below rouge_l=0.7"]
@@ -121,9 +99,9 @@ def test_reports_hold_every_number(html_report):
     for q in saved["questions"]:
         for m in ("base", "tiny"):
             a = q["answers"][m]
-            assert {"answer", "keyword_match", "completeness", "overall", "rouge_l", "bleu4", "ref_perplexity",
+            assert {"answer", "keyword_match", "completeness", "overall", "rouge_l", "bleu4", "ref_nll", "ref_perplexity",
                     "compliance_flags", "response_seconds", "first_token_seconds", "tokens_per_second"} <= set(a)
-            assert a["ref_perplexity"] > 1
+            assert a["ref_perplexity"] == pytest.approx(math.exp(a["ref_nll"]), rel=1e-5)
         delta = q["deltas_vs_base"]["tiny"]
         assert delta["rouge_l"] == pytest.approx(q["answers"]["tiny"]["rouge_l"] - q["answers"]["base"]["rouge_l"], abs=1e-6)
     md = paths["markdown"].read_text()
@@ -179,3 +157,90 @@ def test_questions_without_references_skip_reference_metrics(tiny_adapter, tmp_p
     paths = write_reports(report, tmp_path / "r.json")
     rouge_row = next(line for line in paths["markdown"].read_text().splitlines() if line.startswith("| rouge_l |"))
     assert "n/a" not in rouge_row  # the mean over the one question that has a reference
+
+
+def test_reference_perplexity_is_exp_of_the_mean_nll_so_one_bad_question_does_not_rule():
+    # nine questions the adapter predicts a little better, one it predicts very badly (NLL 60: perplexity 1e26)
+    base_nll, tuned_nll = [2.0] * 9 + [3.0], [1.8] * 9 + [60.0]
+    qs = [{"answers": {m: {"overall": 0.5, "keyword_match": None, "completeness": 0.5, "rouge_l": 0.5, "bleu4": 0.5, "ref_nll": n,
+                           "response_seconds": 1.0, "first_token_seconds": 0.1, "tokens_per_second": 5.0, "finished": True, "compliance_flags": []}
+                       for m, n in (("base", b), ("tuned", t))}} for b, t in zip(base_nll, tuned_nll)]
+    summary = summarize(qs, ["base", "tuned"])
+    assert summary["tuned"]["ref_nll"] == pytest.approx((1.8 * 9 + 60) / 10, abs=1e-4)
+    assert summary["tuned"]["ref_perplexity"] == pytest.approx(math.exp((1.8 * 9 + 60) / 10), rel=1e-3)  # 2.0e3, not 1e25
+    assert summary["base"]["ref_perplexity"] == pytest.approx(math.exp(2.1), rel=1e-3)
+    assert summary["tuned"]["keyword_match"] is None  # no question had keywords: not measured, not 0
+    pair = compare_pair(qs, "base", "tuned")["metrics"]
+    assert "keyword_match" not in pair  # left out of the statistics
+    assert pair["ref_nll"]["wins"] == 9 and pair["ref_nll"]["losses"] == 1  # the statistics run on the NLL
+
+
+def test_a_question_without_keywords_is_not_measured_on_keywords():
+    assert metrics.keyword_match("任何回答", []) is None
+    assert metrics.keyword_match("需要身份证", ["身份证", "户口本"]) == 0.5
+    assert metrics.overall(None, 0.8) == 0.8  # overall is completeness alone then
+    assert metrics.overall(0.5, 0.8) == pytest.approx(0.6 * 0.5 + 0.4 * 0.8)
+
+
+def test_two_adapters_are_compared_with_the_base_and_with_each_other(tiny_adapter, tiny_base, small_data, tmp_path):
+    from banklora.config import GenerationSettings, TrainSettings
+    from banklora.evaluation.compare import run_compare
+    from banklora.train import train
+
+    other = train(TrainSettings(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(tmp_path / "other"), max_steps=2,
+                                batch_size=2, lr=5e-3, seed=7), show_progress=False).output_dir
+    report = run_compare([str(tiny_adapter), str(other)], questions=["banking"], split="validation", limit=6,
+                         settings=GenerationSettings(max_new_tokens=4), batch_size=4)
+    assert report["models"] == ["base", "tiny", "other"]
+    assert [(c["a"], c["b"]) for c in report["comparisons"]] == [("base", "tiny"), ("base", "other"), ("tiny", "other")]
+    rows = report["questions"]
+    for a, b in (("base", "tiny"), ("tiny", "other")):
+        stats = next(c for c in report["comparisons"] if (c["a"], c["b"]) == (a, b))["metrics"]["ref_nll"]
+        deltas = [q["answers"][b]["ref_nll"] - q["answers"][a]["ref_nll"] for q in rows]
+        assert stats["n"] == 6 and stats["mean_delta"] == pytest.approx(sum(deltas) / 6, abs=1e-5)
+        assert stats["wins"] == sum(d < -statistics.TIE for d in deltas)  # lower NLL is better
+    # each model answered with its own weights: the three reference NLLs differ
+    assert len({round(rows[0]["answers"][m]["ref_nll"], 6) for m in report["models"]}) == 3
+
+
+def test_batched_greedy_answers_equal_single_answers(tiny_adapter):
+    """Left padding in a batch must not change a greedy answer (tiny model: equal token for token)."""
+    from banklora.config import GenerationSettings
+    from banklora.data.dataset import load_examples
+    from banklora.evaluation.compare import prompt_ids
+    from banklora.generate import generate_batch
+    from banklora.modeling import load
+
+    loaded = load(str(tiny_adapter))
+    prompts = [prompt_ids(loaded.tokenizer, e) for e in load_examples(["banking-eval"])[:6]]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: the batch is padded
+    settings = GenerationSettings(max_new_tokens=8)
+    batched = generate_batch(loaded.model, loaded.tokenizer, prompts, settings, batch_size=6)
+    single = [generate_batch(loaded.model, loaded.tokenizer, [p], settings, batch_size=1)[0] for p in prompts]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.new_tokens for g in batched] == [g.new_tokens for g in single]
+
+
+def test_multi_turn_questions_are_answered_and_scored_on_the_same_conversation(tiny_adapter, tmp_path):
+    from banklora.config import GenerationSettings
+    from banklora.data.batching import collate
+    from banklora.data.format import encode_conversation
+    from banklora.evaluation.compare import run_compare
+    from banklora.generate import generate_batch
+    from banklora.loss import answer_loss
+    from banklora.modeling import load
+
+    turns = [{"role": "user", "content": "我想办一张信用卡。"}, {"role": "assistant", "content": "好的，请问您有稳定收入吗？"},
+             {"role": "user", "content": "有的，需要准备什么材料？"}, {"role": "assistant", "content": "请准备身份证和收入证明。"}]
+    questions = tmp_path / "dialogue.jsonl"
+    questions.write_text(json.dumps({"messages": turns, "keywords": ["身份证"]}, ensure_ascii=False) + "\n")
+    report = run_compare([str(tiny_adapter)], questions=[str(questions)], settings=GenerationSettings(max_new_tokens=5))
+    q = report["questions"][0]
+    assert q["question"] == "有的，需要准备什么材料？" and q["conversation"] == turns[:3]
+    loaded = load(str(tiny_adapter))
+    prompt = encode_conversation(loaded.tokenizer, turns[:3], add_generation_prompt=True).input_ids
+    assert q["answers"]["tiny"]["answer"] == generate_batch(loaded.model, loaded.tokenizer, [prompt], GenerationSettings(max_new_tokens=5))[0].text
+    scored = encode_conversation(loaded.tokenizer, turns, last_answer_only=True)
+    with torch.no_grad():
+        expected = answer_loss(loaded.model, collate([scored], pad_id=0)).item()
+    assert q["answers"]["tiny"]["ref_nll"] == pytest.approx(expected, abs=1e-5)

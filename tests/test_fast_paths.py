@@ -6,7 +6,10 @@ import torch
 from banklora.config import GenerationSettings
 from banklora.errors import UsageError
 from banklora.generate import generate_batch
-from banklora.modeling import DecodeLinear, load
+from banklora.modeling import load
+from banklora.serving import DecodeLinear, ServingSettings
+
+MERGED, INT8 = ServingSettings(merge=True), ServingSettings(merge=True, int8_head=True)
 
 
 def _ids(tokenizer):
@@ -15,7 +18,7 @@ def _ids(tokenizer):
 
 def test_a_merged_adapter_gives_the_adapters_logits_without_lora_layers(tiny_adapter, tokenizer):
     adapter = load(str(tiny_adapter))
-    merged = load(str(tiny_adapter), merge=True)
+    merged = load(str(tiny_adapter), serve=MERGED)
     assert not any("lora_" in name for name, _ in merged.model.named_parameters())
     with torch.no_grad():
         a, b = adapter.model(input_ids=_ids(tokenizer)).logits, merged.model(input_ids=_ids(tokenizer)).logits
@@ -26,8 +29,8 @@ def test_a_merged_adapter_gives_the_adapters_logits_without_lora_layers(tiny_ada
 
 
 def test_int8_weights_stay_close_and_generate(tiny_adapter, tokenizer):
-    fp32 = load(str(tiny_adapter), merge=True)
-    int8 = load(str(tiny_adapter), merge=True, quantize="int8")
+    fp32 = load(str(tiny_adapter), serve=MERGED)
+    int8 = load(str(tiny_adapter), serve=INT8)
     from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 
     assert isinstance(int8.model.lm_head, Int8Linear)
@@ -43,12 +46,12 @@ def test_int8_weights_stay_close_and_generate(tiny_adapter, tokenizer):
 
 def test_int8_is_refused_for_training(tiny_base):
     with pytest.raises(UsageError, match="int8 weights are for CPU inference"):
-        load(str(tiny_base), training=True, quantize="int8")
+        load(str(tiny_base), training=True, serve=ServingSettings(int8_head=True))
 
 
 def test_fp16_decoder_weights_decode_in_fp16_and_fall_back_to_fp32_on_overflow(tiny_adapter, tokenizer):
-    fp32 = load(str(tiny_adapter), merge=True)
-    fast = load(str(tiny_adapter), merge=True, quantize="int8", fp16_weights=True)
+    fp32 = load(str(tiny_adapter), serve=MERGED)
+    fast = load(str(tiny_adapter), serve=ServingSettings(merge=True, int8_head=True, fp16_weights=True))
     halves = [m for m in fast.model.modules() if isinstance(m, DecodeLinear) and m.weight16 is not None]
     assert len(halves) == 7 * fast.model.config.num_hidden_layers  # q/k/v/o/gate/up/down of every layer, not the head
     assert all(m.weight16.dtype == torch.float16 and m.weight.dtype == torch.float32 for m in halves)
@@ -72,4 +75,28 @@ def test_fp16_decoder_weights_decode_in_fp16_and_fall_back_to_fp32_on_overflow(t
 
 def test_fp16_weights_are_refused_for_training(tiny_base):
     with pytest.raises(UsageError, match="fp16 weights are for CPU inference"):
-        load(str(tiny_base), training=True, fp16_weights=True)
+        load(str(tiny_base), training=True, serve=ServingSettings(fp16_weights=True))
+
+
+def test_the_int8_head_works_on_adapters_kept_beside_the_base(tiny_adapter, tokenizer, tmp_path):
+    """Not merged (compare, serving with several adapters): the head inside the PeftModel is int8,
+    and every adapter and the base answer through it."""
+    import shutil
+
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny_adapter, second)
+    fp32 = load(str(tiny_adapter), more_adapters=(str(second),))
+    int8 = load(str(tiny_adapter), more_adapters=(str(second),), serve=ServingSettings(int8_head=True))
+    assert isinstance(int8.model.get_output_embeddings(), Int8Linear)
+    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 1
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        for name in ("tiny", "second"):
+            fp32.model.set_adapter(name)
+            int8.model.set_adapter(name)
+            a, b = fp32.model(input_ids=ids).logits, int8.model(input_ids=ids).logits
+            assert not torch.equal(a, b) and (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
+        with int8.model.disable_adapter():
+            assert torch.isfinite(int8.model(input_ids=ids).logits).all()

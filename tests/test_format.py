@@ -59,3 +59,38 @@ def test_multi_turn_labels_cover_every_answer_and_system_goes_first(tokenizer):
 
 def test_stop_tokens_are_end_of_turn_and_eos(tokenizer):
     assert stop_token_ids(tokenizer) == [1, EOT]
+
+
+def test_the_saved_chat_template_folds_a_system_message_into_the_first_turn(tokenizer):
+    """Other tools (transformers, vLLM) building the prompt from our template with a system
+    message get our ids: the system text at the top of the first user turn, no system role."""
+    messages = [{"role": "system", "content": "你是银行客服。"}, {"role": "user", "content": "怎么开户？"},
+                {"role": "assistant", "content": "请携带身份证。"}, {"role": "user", "content": "要多久？"}]
+    ours = encode_conversation(tokenizer, messages, add_generation_prompt=True).input_ids
+    reference = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    reference = reference["input_ids"] if hasattr(reference, "keys") else reference
+    assert reference == ours
+    assert tokenizer.decode(ours).startswith("<bos><start_of_turn>user\n你是银行客服。\n\n怎么开户？<end_of_turn>")
+    assert "system" not in tokenizer.decode(ours)
+
+
+def test_last_answer_only_scores_the_final_answer_after_the_whole_conversation(tokenizer):
+    messages = [{"role": "user", "content": "问一"}, {"role": "assistant", "content": "答一"},
+                {"role": "user", "content": "问二"}, {"role": "assistant", "content": "答二"}]
+    enc = encode_conversation(tokenizer, messages, last_answer_only=True)
+    assert enc.input_ids == encode_conversation(tokenizer, messages).input_ids
+    assert tokenizer.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]) == "答二<end_of_turn>"
+
+
+def test_a_tokenizer_without_gemma_control_tokens_is_a_sentence(tmp_path):
+    import pytest
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from banklora.errors import UsageError
+
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, "hello": 2}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    foreign = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", bos_token="<s>", name_or_path=str(tmp_path / "llama"))
+    with pytest.raises(UsageError, match=r"tokenizer of .*llama has no Gemma control token\(s\) start_of_turn, end_of_turn: it is not a Gemma tokenizer.*--base-model"):
+        encode_prompt(foreign, "hello")

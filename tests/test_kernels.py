@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from banklora import kernels
-from banklora.config import LoraSettings, TrainSettings
-from banklora.modeling import load
-from banklora.train import answer_loss, setup_lora
+from banklora.config import LoraSettings
+from banklora.loss import answer_loss
+from banklora.modeling import add_lora, load
 from conftest import seed_batch
 
 
@@ -17,7 +17,8 @@ def _own_forwards(model) -> int:
 
 
 def _model(tiny_base, dropout):
-    model = setup_lora(load(str(tiny_base), training=True).model, TrainSettings(lora=LoraSettings(dropout=dropout)))
+    model = add_lora(load(str(tiny_base), training=True).model, LoraSettings(dropout=dropout))
+    kernels.install(model)
     with torch.no_grad():  # give LoRA B a value, so its A matrices get gradients too
         for name, p in model.named_parameters():
             if "lora_B" in name:

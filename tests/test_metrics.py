@@ -12,7 +12,7 @@ def test_keyword_match_counts_present_keywords():
     assert metrics.keyword_match(answer, KEYWORDS) == 0.5
     assert metrics.matched_keywords(answer, KEYWORDS) == ["身份证", "网点"]
     assert metrics.keyword_match("", KEYWORDS) == 0.0
-    assert metrics.keyword_match("anything", []) == 0.0
+    assert metrics.keyword_match("anything", []) is None  # no keywords: not measured
     assert metrics.keyword_match("Use the APP", ["app"]) == 1.0  # case-insensitive
 
 

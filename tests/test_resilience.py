@@ -16,17 +16,7 @@ from banklora.config import LoraSettings, TrainSettings
 from banklora.errors import BankloraError, UsageError
 from banklora.modeling import META_FILE, load
 from banklora.train import TrainingInterrupted, train
-from conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """6 training and 2 validation pairs: 3 steps per epoch at batch 2."""
-    records = [{"instruction": f"问题{i}：如何办理业务{i}？", "output": f"回答{i}：请携带身份证到网点办理，以银行最新公告为准。", "split": "train"} for i in range(6)]
-    records += [{"instruction": f"验证问题{i}", "output": f"验证回答{i}，请咨询客服。", "split": "validation"} for i in range(2)]
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
+from conftest import cli, run_cli
 
 
 def _settings(tiny_base, small_data, out, **kw):
@@ -85,7 +75,7 @@ def test_resume_refuses_changed_settings_and_no_resume_starts_afresh(tiny_base, 
 def test_ctrl_c_in_the_cli_writes_a_checkpoint_and_resume_finishes(tiny_base, small_data, tmp_path):
     out = tmp_path / "adapter"
     args = ["train", "--base-model", str(tiny_base), "--data", str(small_data), "--output-dir", str(out),
-            "--batch-size", "2", "--max-steps", "30", "--save-every", "0"]
+            "--batch-size", "2", "--max-steps", "12", "--save-every", "0"]
     env = dict(os.environ, COLUMNS="200", BANKLORA_LOG_LEVEL="WARNING")
     proc = subprocess.Popen([sys.executable, "-m", "banklora", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = tmp_path / "adapter-checkpoints" / "metrics.jsonl"
@@ -98,29 +88,29 @@ def test_ctrl_c_in_the_cli_writes_a_checkpoint_and_resume_finishes(tiny_base, sm
     assert "--resume" in stderr and "stopped at step" in stderr
     stopped = checkpoint.latest(tmp_path / "adapter-checkpoints")
     step = checkpoint.TrainerState.read(stopped).step
-    assert 2 <= step < 30 and not out.exists()
+    assert 2 <= step < 12 and not out.exists()
 
     # resume needs only the output directory: the other settings come from the checkpoint
-    changed = run_cli("train", "--output-dir", str(out), "--resume", "--lr", "0.5")
+    changed = cli("train", "--output-dir", str(out), "--resume", "--lr", "0.5")
     assert changed.returncode == 2 and "settings differ" in changed.stderr
-    done = run_cli("train", "--output-dir", str(out), "--resume", timeout=900)
+    done = cli("train", "--output-dir", str(out), "--resume")
     assert done.returncode == 0, done.stderr
     meta = json.loads((out / META_FILE).read_text())
-    assert meta["training"]["resumed_at_step"] == step and len(meta["loss_per_step"]) == 30
+    assert meta["training"]["resumed_at_step"] == step and len(meta["loss_per_step"]) == 12
 
 
 def test_non_finite_steps_are_skipped_then_abort_with_no_adapter(tiny_base, small_data, tmp_path, monkeypatch):
-    import banklora.train as train_module
+    import banklora.loss as loss_module
 
     # one poisoned step is skipped and the run goes on
-    real, calls = train_module.token_losses, {"n": 0}
+    real, calls = loss_module.token_losses, {"n": 0}
 
     def poisoned(model, batch, head_chunk=None):
         losses, keep = real(model, batch, head_chunk)
         calls["n"] += 1
         return (losses * float("nan") if calls["n"] == 2 else losses), keep
 
-    monkeypatch.setattr(train_module, "token_losses", poisoned)
+    monkeypatch.setattr(loss_module, "token_losses", poisoned)
     result = train(_settings(tiny_base, small_data, tmp_path / "skip", max_steps=3, save_every=0), show_progress=False)
     assert result.losses[1] is None and result.losses[0] is not None and result.losses[2] is not None
     assert result.meta["training"]["skipped_steps"] == [2]
@@ -173,9 +163,9 @@ def test_rslora_and_dora_train_and_reload_with_plain_peft(tiny_base, small_data,
 def test_lora_and_qlora_mistakes_are_sentences(tiny_base, small_data, tmp_path):
     with pytest.raises(UsageError, match=r"--lora-targets: qkv_proj is not a linear layer of this model; choose from .*q_proj"):
         train(_settings(tiny_base, small_data, tmp_path / "x", lora=LoraSettings(target_modules=("qkv_proj",))), show_progress=False)
-    result = run_cli("train", "--base-model", str(tiny_base), "--output-dir", str(tmp_path / "q"), "--quantize", "4bit")
+    result = cli("train", "--base-model", str(tiny_base), "--output-dir", str(tmp_path / "q"), "--quantize", "4bit")
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
-    assert "--lora-alpha must be positive" in run_cli("train", "--lora-alpha", "0").stderr
+    assert "--lora-alpha must be positive" in cli("train", "--lora-alpha", "0").stderr
 
 
 def test_low_memory_trains_the_same_run(tiny_base, small_data, tmp_path):
@@ -189,3 +179,58 @@ def test_low_memory_trains_the_same_run(tiny_base, small_data, tmp_path):
     assert meta["loss_per_step"] == pytest.approx(default.losses, abs=1e-6)
     weights, reference = _weights(tmp_path / "low"), _weights(tmp_path / "default")
     assert all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused(tiny_base, small_data, tmp_path):
+    """A 2-process run resumed on 1 process would halve the global batch and jump the schedule."""
+    settings = _settings(tiny_base, small_data, tmp_path / "run", max_steps=4)
+    with pytest.raises(TrainingInterrupted):
+        train(settings, show_progress=False, on_step=_interrupt_at(2))
+    found = checkpoint.latest(settings.checkpoints)
+    state = json.loads((found / checkpoint.STATE_FILE).read_text())
+    assert state["processes"] == 1  # recorded
+    state["processes"] = 2  # as a torchrun --nproc_per_node 2 run writes it
+    (found / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(UsageError, match=r"written by a run on 2 process\(es\) \(global batch 2 x 2\), and this run has 1.*torchrun --nproc_per_node 2"):
+        train(settings, show_progress=False, resume=True)
+    assert checkpoint.latest(settings.checkpoints) == found  # nothing was lost
+
+
+def strict_json(text: str):
+    """JSON as other parsers read it: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverged_validation_loss_is_written_as_null_in_strict_json(tiny_base, small_data, tmp_path, monkeypatch):
+    import banklora.loss as loss_module
+
+    real = loss_module.token_losses
+
+    def nan_when_validating(model, batch, head_chunk=None):
+        losses, keep = real(model, batch, head_chunk)
+        return (losses if torch.is_grad_enabled() else losses * float("nan")), keep
+
+    monkeypatch.setattr(loss_module, "token_losses", nan_when_validating)
+    result = train(_settings(tiny_base, small_data, tmp_path / "run", max_steps=3, save_every=0), show_progress=False)
+    meta = strict_json((result.output_dir / META_FILE).read_text())
+    assert [v["loss"] for v in meta["validation_loss"]] == [None] and meta["best_validation"] is None
+    records = [strict_json(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["validation_loss"] for r in records if "validation_loss" in r] == [None]
+    assert all(x is not None for x in meta["loss_per_step"])  # the training steps themselves were fine
+
+
+def test_the_adapter_carries_a_model_card_and_a_portable_base_name(tiny_base, small_data, tmp_path):
+    result = train(_settings(tiny_base, small_data, tmp_path / "bank-adapter", max_steps=3, save_every=0), show_progress=False)
+    card = (result.output_dir / "README.md").read_text()
+    meta = json.loads((result.output_dir / META_FILE).read_text())
+    config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == meta["base_model"]["hub_id"]
+    assert meta["base_model"]["path"] == str(tiny_base) and len(meta["base_model"]["sha256"]) == 64
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
+    for fact in (meta["base_model"]["sha256"], meta["dataset"]["sha256"], "r 8, alpha 32, dropout 0.1",
+                 f"validation loss: {meta['validation_loss'][-1]['loss']:.4f}", "## Intended use", "## Limitations",
+                 "https://ai.google.dev/gemma/terms", "not run yet"):
+        assert fact in card, fact
+    assert "[More Information Needed]" not in card  # PEFT's empty template is gone

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_cli
+from conftest import cli
 
 
 def test_sweep_trains_each_setting_and_marks_the_lowest_validation_loss(tiny_base, tmp_path):
@@ -13,7 +13,7 @@ def test_sweep_trains_each_setting_and_marks_the_lowest_validation_loss(tiny_bas
     root = tmp_path / "sweep"
     args = ("sweep", "--base-model", str(tiny_base), "--data", str(data), "--lora-r", "2,4", "--lora-alpha", "8",
             "--lr", "1e-2,1e-4", "--max-steps", "2", "--batch-size", "2", "--output-dir", str(root))
-    result = run_cli(*args, timeout=600)
+    result = cli(*args)
     assert result.returncode == 0, result.stderr
     rows = json.loads((root / "sweep.json").read_text())
     assert sorted(r["name"] for r in rows) == ["r2-a8-lr0.0001", "r2-a8-lr0.01", "r4-a8-lr0.0001", "r4-a8-lr0.01"]
@@ -28,11 +28,11 @@ def test_sweep_trains_each_setting_and_marks_the_lowest_validation_loss(tiny_bas
 
     # a second run reuses the trained settings instead of training them again
     stamps = {r["name"]: (root / r["name"] / "adapter_model.safetensors").stat().st_mtime_ns for r in rows}
-    again = run_cli(*args, timeout=600)
+    again = cli(*args)
     assert again.returncode == 0, again.stderr
     assert stamps == {r["name"]: (root / r["name"] / "adapter_model.safetensors").stat().st_mtime_ns for r in rows}
 
 
 def test_sweep_value_mistakes_name_the_flag():
-    result = run_cli("sweep", "--lora-r", "4,x")
+    result = cli("sweep", "--lora-r", "4,x")
     assert result.returncode == 2 and "--lora-r takes comma-separated int values" in result.stderr

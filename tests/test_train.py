@@ -5,16 +5,25 @@ import json
 import pytest
 import torch
 
+from banklora import kernels
 from banklora.config import LoraSettings, TrainSettings
 from banklora.errors import BankloraError, UsageError
-from banklora.modeling import META_FILE, load, save_adapter
-from banklora.train import answer_loss, setup_lora, train
+from banklora.loss import answer_loss
+from banklora.modeling import META_FILE, add_lora, load, save_adapter
+from banklora.train import train
 from conftest import seed_batch
+
+
+def lora_model(loaded, lora: LoraSettings | None = None):
+    """LoRA layers on a base, with the training kernels, as `banklora train` builds them."""
+    model = add_lora(loaded.model, lora or LoraSettings())
+    kernels.install(model)
+    return model
 
 
 def test_answer_only_logits_equal_the_full_loss(tiny_base, tokenizer):
     loaded = load(str(tiny_base), training=True)
-    model = setup_lora(loaded.model, TrainSettings())
+    model = lora_model(loaded)
     batch = seed_batch(tokenizer)
     with torch.no_grad():
         full = model(**batch).loss
@@ -25,7 +34,7 @@ def test_answer_only_logits_equal_the_full_loss(tiny_base, tokenizer):
 def test_training_changes_adapter_and_lowers_loss_on_a_repeated_batch(tiny_base, tokenizer):
     torch.manual_seed(0)
     loaded = load(str(tiny_base), training=True)
-    model = setup_lora(loaded.model, TrainSettings())
+    model = lora_model(loaded)
     lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     assert all(p.abs().sum() == 0 for p in lora_b.values())  # PEFT starts B at zero: no change yet
     batch = seed_batch(tokenizer, n=2)
@@ -86,6 +95,44 @@ def test_warmup_is_capped_to_a_tenth_of_the_run():
     assert s.warmup_for(12) == 1 and s.warmup_for(5000) == 100
 
 
+def test_the_learning_rate_warms_up_linearly_then_decays_on_a_cosine_to_a_tenth():
+    from banklora.train import lr_factor
+
+    factors = [lr_factor(step, warmup=3, total=13) for step in range(13)]
+    assert factors[:3] == pytest.approx([0.25, 0.5, 0.75])  # warmup: (step + 1) / (warmup + 1)
+    assert factors[3] == pytest.approx(1.0)  # the peak after warmup
+    assert factors[8] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert all(b < a for a, b in zip(factors[3:], factors[4:]))  # decays at every step
+    assert lr_factor(13, 3, 13) == pytest.approx(0.1)  # ends at 10% of the peak, not 0
+    assert lr_factor(0, 0, 5) == pytest.approx(1.0)  # no warmup: starts at the peak
+
+
+@pytest.mark.parametrize("by_length", [False, True])
+def test_each_epoch_holds_every_example_once_in_a_new_order(by_length):
+    from banklora.data.batching import epoch_batches
+
+    lengths = [(i * 37) % 101 + 5 for i in range(300)]
+    epochs = [epoch_batches(lengths, 4, seed=42, epoch=e, by_length=by_length) for e in range(3)]
+    for batches in epochs:
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(300))  # every example exactly once
+        assert [len(b) for b in batches] == [4] * 75
+    assert epochs[0] != epochs[1] != epochs[2]  # a new mix each epoch...
+    assert epoch_batches(lengths, 4, seed=42, epoch=1, by_length=by_length) == epochs[1]  # ...that resume can rebuild
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0]) / 75
+    if by_length:
+        assert spread < 5  # similar lengths together: little padding
+    else:
+        assert spread > 40
+
+
+def test_the_last_batch_of_an_epoch_is_the_only_short_one():
+    from banklora.data.batching import epoch_batches
+
+    batches = epoch_batches(list(range(10)), 4, seed=1, epoch=0, by_length=True)
+    assert sorted(len(b) for b in batches) == [2, 4, 4] and sorted(i for b in batches for i in b) == list(range(10))
+
+
 def test_fp16_is_refused_with_a_reason():
     with pytest.raises(UsageError, match="overflow float16"):
         TrainSettings(dtype="fp16")
@@ -110,10 +157,10 @@ def test_a_failed_save_keeps_the_previous_adapter(tiny_adapter, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary leftovers
 
 
-def test_train_then_train_again_replaces_atomically(tiny_base, tmp_path):
+def test_train_then_train_again_replaces_atomically(tiny_base, small_data, tmp_path):
     out = tmp_path / "run"
     for seed in (1, 2):
-        train(TrainSettings(base_model=str(tiny_base), output_dir=str(out), max_steps=1, batch_size=2, seed=seed), show_progress=False)
+        train(TrainSettings(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(out), max_steps=1, batch_size=2, seed=seed), show_progress=False)
     meta = json.loads((out / META_FILE).read_text())
     assert meta["training"]["seed"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
@@ -131,7 +178,16 @@ def test_train_split_trains_and_validation_split_is_scored_each_epoch(tiny_base,
     assert meta["dataset"]["used_per_split"] == {"train": 6, "validation": 2, "test": 1}
     assert len(meta["loss_per_step"]) == 4  # 6 train examples / batch 3 x 2 epochs: test never trained on
     assert [v["step"] for v in meta["validation_loss"]] == [2, 4]
-    assert all(v["loss"] > 0 for v in meta["validation_loss"])
+    # the last validation loss is the saved adapter's answer loss on the two validation pairs
+    from banklora.data.batching import collate
+    from banklora.data.dataset import load_examples
+    from banklora.data.prepare import prepare
+
+    loaded = load(str(out))
+    validation = prepare(load_examples([str(data)], split="validation"), loaded.tokenizer, 512).encoded
+    with torch.no_grad():
+        expected = answer_loss(loaded.model, collate(validation, pad_id=0)).item()
+    assert meta["validation_loss"][-1]["loss"] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.parametrize("name", ["seed", "cpu_quick", "gpu"])
@@ -169,12 +225,12 @@ def test_config_errors_are_sentences(tmp_path):
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_chunked_answer_loss_gives_the_full_computations_loss_and_gradients(tiny_base, tokenizer, monkeypatch, softcap):
-    import banklora.train as train_module
+    import banklora.loss as loss_module
 
-    monkeypatch.setattr(train_module, "HEAD_CHUNK", 7)  # several chunks and a ragged last one
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK", 7)  # several chunks and a ragged last one
     loaded = load(str(tiny_base), training=True)
     loaded.model.config.final_logit_softcapping = softcap
-    model = setup_lora(loaded.model, TrainSettings(lora=LoraSettings(dropout=0.0)))
+    model = lora_model(loaded, LoraSettings(dropout=0.0))
     with torch.no_grad():  # give LoRA B a value, so its A matrices get gradients too
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -59,6 +59,16 @@ class Example:
             return [{"role": role, "content": content} for role, content in self.messages]
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.output}]
 
+    def question(self) -> list[dict]:
+        """The conversation the reference answer responds to: every turn but the final answer.
+        Compare generates from it and scores the reference after it, so both see the same turns."""
+        return self.conversation()[:-1] if self.messages else [{"role": "user", "content": self.prompt}]
+
+    @property
+    def last_question(self) -> str:
+        """The user turn the final answer responds to (for a one-turn example, the prompt)."""
+        return self.question()[-1]["content"]
+
     def to_record(self) -> dict:
         record = {k: v for k, v in asdict(self).items() if k not in ("source", "messages")}
         record["keywords"] = list(self.keywords)
@@ -104,7 +114,7 @@ def register_dataset(name: str, data_path: Path, description: str = "", registry
     doc = yaml.safe_load(registry.read_text(encoding="utf-8")) if registry.is_file() else None
     doc = doc or {}
     doc.setdefault("datasets", {})[name] = {"path": os.path.relpath(data_path.resolve(), registry.resolve().parent), "description": description}
-    from banklora.modeling import atomic_write_text
+    from banklora.io import atomic_write_text
 
     atomic_write_text(registry, yaml.safe_dump(doc, allow_unicode=True, sort_keys=True))
     return registry
@@ -298,7 +308,7 @@ def dataset_hash(examples: Iterable[Example]) -> str:
 
 def write_jsonl(examples: Iterable[Example], path: Path) -> Path:
     """Write examples as JSONL, atomically."""
-    from banklora.modeling import atomic_write_text
+    from banklora.io import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(e.to_record(), ensure_ascii=False) + "\n" for e in examples))
     return path

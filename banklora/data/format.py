@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from banklora.errors import UsageError
+
 IGNORE_INDEX = -100  # label value the loss skips
 
 # The same format as a Jinja template, saved with every tokenizer we write so that other tools
@@ -57,7 +59,11 @@ def special_ids(tokenizer) -> dict[str, int]:
     unk = tokenizer.unk_token_id
     missing = [name for name, i in ids.items() if i is None or (unk is not None and i == unk)]
     if missing:
-        raise ValueError(f"tokenizer has no Gemma control token(s) {missing}: is this a Gemma tokenizer?")
+        where = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise UsageError(
+            f"the tokenizer of {where} has no Gemma control token(s) {', '.join(missing)}: it is not a Gemma tokenizer. "
+            "banklora fine-tunes Gemma models; pass a Gemma checkpoint with --base-model"
+        )
     return ids
 
 
@@ -77,13 +83,14 @@ def user_text(instruction: str, input: str = "") -> str:
     return f"{instruction}\n\n{input}" if input else instruction
 
 
-def encode_conversation(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> Encoded:
+def encode_conversation(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False, last_answer_only: bool = False) -> Encoded:
     """Encode a conversation of {"role", "content"} messages in Gemma's chat format.
 
     Roles: an optional leading "system", then alternating "user" and "assistant". Labels cover
-    every assistant answer and its <end_of_turn>. A conversation that ends with an assistant turn
-    (a training example) ends at that <end_of_turn>; with add_generation_prompt the ids end with
-    "<start_of_turn>model\\n", ready for generation.
+    every assistant answer and its <end_of_turn> (last_answer_only: the final answer alone, what
+    a reference answer's likelihood is measured on). A conversation that ends with an assistant
+    turn (a training example) ends at that <end_of_turn>; with add_generation_prompt the ids end
+    with "<start_of_turn>model\\n", ready for generation.
     """
     ids = special_ids(tokenizer)
     messages = list(messages)
@@ -106,7 +113,8 @@ def encode_conversation(tokenizer, messages: list[dict], *, add_generation_promp
         header = [ids["start_of_turn"]] + _text_ids(tokenizer, "model\n" if role == "assistant" else "user\n")
         body = _text_ids(tokenizer, content) + [ids["end_of_turn"]]
         input_ids += header + body
-        labels += [IGNORE_INDEX] * len(header) + (body if role == "assistant" else [IGNORE_INDEX] * len(body))
+        scored = role == "assistant" and (not last_answer_only or i == len(messages) - 1)
+        labels += [IGNORE_INDEX] * len(header) + (body if scored else [IGNORE_INDEX] * len(body))
         if i < len(messages) - 1 or add_generation_prompt:
             input_ids += newline
             labels += [IGNORE_INDEX] * len(newline)

@@ -60,12 +60,12 @@ def prepare(examples: list[Example], tokenizer, max_length: int, *, strict: bool
             out.dropped["duplicate"] += 1
             out.drops.append(f"{e.source}: duplicate of {seen[key]}")
             continue
-        seen[key] = e.source
         enc = encode_conversation(tokenizer, e.conversation())
-        if len(enc) > max_length:
+        if len(enc) > max_length:  # not "seen": a later copy that fits is kept, not called a duplicate
             out.dropped["over max length"] += 1
             out.drops.append(f"{e.source}: {len(enc)} tokens, over --max-length {max_length}")
             continue
+        seen[key] = e.source
         out.examples.append(e)
         out.encoded.append(enc)
     if strict and out.drops:

@@ -4,8 +4,12 @@ One base model is loaded with every adapter beside it: the base answers with the
 switched off (PEFT's disable_adapter), each adapter with set_adapter. So all models answer with
 identical base weights, the same prompts, greedy decoding and the same token budget. Per answer:
 keyword match, completeness, overall, ROUGE-L, BLEU-4, compliance flags, speed; per question and
-model: the perplexity of the reference answer (teacher-forced, no sampling noise). Per pair of
-models and metric: wins/ties/losses, mean delta with a 95% bootstrap interval, Wilcoxon p-value.
+model: the reference answer's mean negative log-likelihood per token (ref_nll, teacher-forced, no
+sampling noise), summarised as exp(mean NLL) = perplexity, so one badly predicted question moves
+the summary by its share and not by its exponent. Per pair of models and metric: wins/ties/losses,
+mean delta with a 95% bootstrap interval, Wilcoxon p-value; the reference metric's statistics run
+on the NLL. A metric that cannot be measured for a question (keywords without a keyword list,
+ROUGE without a reference) is None there and left out of its means and statistics.
 """
 
 from __future__ import annotations
@@ -19,31 +23,35 @@ import torch
 
 from banklora.config import GenerationSettings
 from banklora.data.dataset import Example, load_examples
-from banklora.data.format import encode_conversation, encode_prompt
+from banklora.data.batching import collate
+from banklora.data.format import encode_conversation
 from banklora.errors import UsageError
 from banklora.evaluation import compliance, metrics, statistics
 from banklora.generate import Generation, generate_batch
+from banklora.loss import answer_loss
 from banklora.modeling import Loaded, is_adapter_dir, load
 
 # (metric, higher is better): the quality metrics that get paired statistics
-QUALITY = (("overall", True), ("keyword_match", True), ("completeness", True), ("rouge_l", True), ("bleu4", True), ("ref_perplexity", False))
+QUALITY = (("overall", True), ("keyword_match", True), ("completeness", True), ("rouge_l", True), ("bleu4", True), ("ref_nll", False))
+LOWER_IS_BETTER = frozenset(key for key, higher in QUALITY if not higher) | {"ref_perplexity"}
 SPEED = ("response_seconds", "first_token_seconds", "tokens_per_second")
 
 
-def score(example: Example, gen: Generation, ppl: float, rules: list[compliance.Rule]) -> dict:
+def score(example: Example, gen: Generation, nll: float | None, rules: list[compliance.Rule]) -> dict:
     """Every number for one answer."""
     complete = metrics.completeness(gen.text, gen.finished)
-    keyword = metrics.keyword_match(gen.text, example.keywords, example.prompt)
+    keyword = metrics.keyword_match(gen.text, example.keywords, example.last_question)
     return {
         "answer": gen.text,
         "keyword_match": keyword,
-        "matched_keywords": metrics.matched_keywords(gen.text, example.keywords, example.prompt),
+        "matched_keywords": metrics.matched_keywords(gen.text, example.keywords, example.last_question),
         "completeness": complete.score,
         "completeness_parts": asdict(complete),
         "overall": metrics.overall(keyword, complete.score),
         "rouge_l": metrics.rouge_l(gen.text, example.output) if example.output else None,
         "bleu4": metrics.bleu4(gen.text, example.output, example.language) if example.output else None,
-        "ref_perplexity": ppl,
+        "ref_nll": None if nll is None else round(nll, 6),
+        "ref_perplexity": None if nll is None else perplexity(nll),
         "compliance_flags": compliance.flags(gen.text, example.category, rules),
         "response_seconds": round(gen.seconds, 3),
         "first_token_seconds": round(gen.first_token_seconds, 3),
@@ -53,19 +61,29 @@ def score(example: Example, gen: Generation, ppl: float, rules: list[compliance.
     }
 
 
-@torch.inference_mode()
-def reference_perplexity(model, tokenizer, examples: list[Example], batch_size: int) -> list[float]:
-    """exp(mean loss) of each reference answer given its question, teacher-forced (None without one)."""
-    from banklora.train import answer_loss, collate
+def perplexity(nll: float) -> float:
+    """exp(NLL), shown for people; capped where exp overflows a float (NLL > 700)."""
+    return math.exp(min(nll, 700.0))
 
+
+def prompt_ids(tokenizer, example: Example) -> list[int]:
+    """What the model answers from: the example's whole question conversation."""
+    return encode_conversation(tokenizer, example.question(), add_generation_prompt=True).input_ids
+
+
+@torch.inference_mode()
+def reference_nll(model, tokenizer, examples: list[Example], batch_size: int) -> list[float | None]:
+    """Mean negative log-likelihood per token of each reference answer (the final answer, after the
+    same conversation the model answers from), teacher-forced; None without a reference."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with_reference = [e for e in examples if e.output]
     values: list[float] = []
     for i in range(0, len(with_reference), batch_size):
-        encoded = [encode_conversation(tokenizer, e.conversation()) for e in with_reference[i : i + batch_size]]
+        encoded = [encode_conversation(tokenizer, e.question() + [{"role": "assistant", "content": e.output}], last_answer_only=True)
+                   for e in with_reference[i : i + batch_size]]
         batch = {k: v.to(device) for k, v in collate(encoded, pad).items()}
-        values += [math.exp(min(50.0, x)) for x in answer_loss(model, batch, per_example=True).tolist()]
+        values += answer_loss(model, batch, per_example=True).tolist()
     it = iter(values)
     return [next(it) if e.output else None for e in examples]
 
@@ -76,11 +94,13 @@ def _mean(values) -> float | None:
 
 
 def summarize(questions: list[dict], models: list[str]) -> dict:
-    """Mean of every metric per model, and compliance flag counts."""
+    """Mean of every metric per model (over the questions where it was measured), reference
+    perplexity as exp(mean NLL), and compliance flag counts."""
     summary = {}
     for m in models:
         rows = [q["answers"][m] for q in questions]
-        s = {key: _mean(r[key] for r in rows) for key, _ in QUALITY}  # None: no question had a reference
+        s = {key: _mean(r[key] for r in rows) for key, _ in QUALITY}  # None: measured on no question
+        s["ref_perplexity"] = None if s["ref_nll"] is None else perplexity(s["ref_nll"])
         s.update({key: _mean(r[key] for r in rows) for key in SPEED})
         s["finished"] = sum(r["finished"] for r in rows)
         flags: dict[str, int] = {}
@@ -125,29 +145,29 @@ def run_compare(
                 raise UsageError(f"--peft-model-path {p} does not exist; train an adapter first (banklora train --output-dir {p})")
             if not is_adapter_dir(p):
                 raise UsageError(f"--peft-model-path {p} is not a LoRA adapter directory (no adapter_config.json)")
-        loaded = load(paths[0], base_model=base_model, more_adapters=tuple(paths[1:]))
+        loaded = load(paths[0], base_model=base_model, more_adapters=tuple(paths[1:]), verify=True)  # hashing is small next to a compare
     examples = load_examples(list(questions), split=split, questions=True)[:limit]
     if not examples:
         raise UsageError(f"no questions in {', '.join(questions)}" + (f" with split {split}" if split else ""))
-    prompts = [encode_prompt(loaded.tokenizer, e.instruction, e.input) for e in examples]
+    prompts = [prompt_ids(loaded.tokenizer, e) for e in examples]
     model, tok = loaded.model, loaded.tokenizer
     models = ["base", *loaded.adapter_names]
     gens: dict[str, list[Generation]] = {}
-    ppls: dict[str, list[float]] = {}
+    nlls: dict[str, list[float | None]] = {}
     with model.disable_adapter():
         gens["base"] = generate_batch(model, tok, prompts, settings, batch_size)
-        ppls["base"] = reference_perplexity(model, tok, examples, batch_size)
+        nlls["base"] = reference_nll(model, tok, examples, batch_size)
     for name in loaded.adapter_names:
         model.set_adapter(name)
         gens[name] = generate_batch(model, tok, prompts, settings, batch_size)
-        ppls[name] = reference_perplexity(model, tok, examples, batch_size)
+        nlls[name] = reference_nll(model, tok, examples, batch_size)
     model.set_adapter(loaded.adapter_names[0])
     rows = []
     for i, e in enumerate(examples):
         rows.append({
-            "id": e.id, "category": e.category, "language": e.language, "question": e.prompt,
-            "keywords": list(e.keywords), "reference": e.output,
-            "answers": {m: score(e, gens[m][i], ppls[m][i], rules) for m in models},
+            "id": e.id, "category": e.category, "language": e.language, "question": e.last_question,
+            "conversation": e.question() if e.messages else None, "keywords": list(e.keywords), "reference": e.output,
+            "answers": {m: score(e, gens[m][i], nlls[m][i], rules) for m in models},
         })
         base = rows[-1]["answers"]["base"]
         rows[-1]["deltas_vs_base"] = {  # per-question deltas, adapter minus base
@@ -158,7 +178,7 @@ def run_compare(
     pairs = [("base", name) for name in loaded.adapter_names]
     pairs += [(a, b) for i, a in enumerate(loaded.adapter_names) for b in loaded.adapter_names[i + 1 :]]
     return {
-        "format": "banklora-compare/2",
+        "format": "banklora-compare/3",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": models,
         "adapters": {name: {"path": str(p), "meta": _meta_summary(p)} for name, p in zip(loaded.adapter_names, paths)},
@@ -168,11 +188,13 @@ def run_compare(
         "generation": asdict(settings) | {"greedy": settings.temperature == 0, "batch_size": batch_size},
         "device": str(loaded.device),
         "metric_definitions": {
-            "overall": "0.6 x keyword_match + 0.4 x completeness",
+            "overall": "0.6 x keyword_match + 0.4 x completeness (completeness alone for a question without keywords)",
+            "keyword_match": "share of the question's keywords (or synonyms) in the answer, echoes of the question removed; n/a without keywords",
             "completeness": "mean of length, finished, structure, variety",
             "rouge_l": "ROUGE-L F1 vs the reference, jieba words",
             "bleu4": "sentence BLEU-4 vs the reference, sacrebleu zh tokenizer, 0..1",
-            "ref_perplexity": "perplexity of the reference answer given the question (lower is better)",
+            "ref_nll": "mean negative log-likelihood per token of the reference answer given the question (lower is better)",
+            "ref_perplexity": "exp(ref_nll): per question, and exp(mean ref_nll) in the summary",
         },
         "compliance_rules": [{"id": r.id, "kind": r.kind, "description": r.description} for r in rules],
         "summary": summarize(rows, models),
@@ -241,7 +263,7 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
         table.add_row(
             str(i), q["category"], _clip(q["question"], 22), *[f"{a[m]['overall']:.2f}" for m in models],
             f"[{style}]{delta:+.2f}[/]" if style else f"{delta:+.2f}",
-            f"{a['base']['keyword_match']:.2f}→{a[last]['keyword_match']:.2f}",
+            f"{fmt(a['base']['keyword_match'], '.2f')}→{fmt(a[last]['keyword_match'], '.2f')}",
             f"{fmt(a['base']['rouge_l'], '.2f')}→{fmt(a[last]['rouge_l'], '.2f')}",
             f"{fmt(a['base']['ref_perplexity'], '.1f')}→{fmt(a[last]['ref_perplexity'], '.1f')}",
         )
@@ -256,7 +278,7 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
     means.add_column("metric")
     for m in models:
         means.add_column(m, justify="right")
-    for key in [k for k, _ in QUALITY] + list(SPEED):
+    for key in summary_keys():
         means.add_row(key, *[fmt(report["summary"][m][key], ".3f") for m in models])
     means.add_row("compliance flags", *[str(sum(report["summary"][m]["compliance_flags"].values())) for m in models])
     console.print(means)
@@ -268,6 +290,12 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
             stats.add_row(key, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
                           f"{s['wins']}/{s['ties']}/{s['losses']}", "significant" if s["significant"] else "not significant")
         console.print(stats)
+
+
+def summary_keys() -> list[str]:
+    """The means a report shows, in order: quality (reference perplexity beside its NLL), then speed."""
+    keys = [k for k, _ in QUALITY]
+    return keys[: keys.index("ref_nll") + 1] + ["ref_perplexity"] + list(SPEED)
 
 
 def fmt(value, spec: str) -> str:

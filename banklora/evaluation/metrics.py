@@ -4,12 +4,13 @@ keyword match   share of the question's expected keywords found in the answer (s
                 case-insensitive): does the answer use the terms a correct answer needs?
                 Verbatim copies of the question are removed from the answer first, so a model
                 that echoes the question earns nothing for the keywords the question contains.
+                None (not measured) for a question without keywords.
 completeness    mean of four checks, each in [0, 1]:
                   length     min(1, non-space characters / 80): a substantive answer
                   finished   1 if the model ended its turn before the token budget, else 0
                   structure  1 for >= 2 list items or >= 3 sentences, 0.5 for 2 sentences, else 0
                   variety    distinct share of character 4-grams: 1 = no repetition loops
-overall         0.6 x keyword match + 0.4 x completeness
+overall         0.6 x keyword match + 0.4 x completeness; completeness alone without keywords
 rouge_l         ROUGE-L F1 against the reference answer, on jieba-segmented words (Chinese) or
                 words (English), punctuation and spaces dropped
 bleu4           sentence BLEU-4 against the reference with sacrebleu's Chinese tokenizer ("zh";
@@ -69,10 +70,11 @@ def matched_keywords(answer: str, keywords: list[str] | tuple[str, ...], questio
     return [k for k in keywords if any(alt in text for alt in table.get(k.lower(), (k.lower(),)))]
 
 
-def keyword_match(answer: str, keywords: list[str] | tuple[str, ...], question: str = "") -> float:
-    """Share of keywords present in the answer (echoes of `question` removed); 0.0 without keywords."""
+def keyword_match(answer: str, keywords: list[str] | tuple[str, ...], question: str = "") -> float | None:
+    """Share of keywords present in the answer (echoes of `question` removed); None (not
+    measured) without keywords: 0.0 would count a question nobody gave keywords as a miss."""
     if not keywords:
-        return 0.0
+        return None
     return len(matched_keywords(answer, keywords, question)) / len(keywords)
 
 
@@ -91,7 +93,9 @@ def completeness(answer: str, finished: bool) -> Completeness:
     )
 
 
-def overall(keyword: float, complete: float) -> float:
+def overall(keyword: float | None, complete: float) -> float:
+    if keyword is None:
+        return complete
     return KEYWORD_WEIGHT * keyword + (1 - KEYWORD_WEIGHT) * complete
 
 

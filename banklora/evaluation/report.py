@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 
 from banklora.data.stats import CATEGORY_EN
-from banklora.evaluation.compare import QUALITY, fmt
-from banklora.modeling import atomic_write_text
+from banklora.evaluation.compare import LOWER_IS_BETTER, fmt, summary_keys
+from banklora.io import atomic_write_text, to_json
 
 COLORS = ("#7f8c8d", "#2e86de", "#27ae60", "#e67e22", "#8e44ad")
 
@@ -23,7 +22,7 @@ def write_reports(report: dict, json_path: Path) -> dict[str, Path]:
     """Write the JSON, Markdown and HTML reports side by side; return their paths."""
     json_path = Path(json_path)
     paths = {"json": json_path, "markdown": json_path.with_suffix(".md"), "html": json_path.with_suffix(".html")}
-    atomic_write_text(paths["json"], json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(paths["json"], to_json(report, indent=2))
     atomic_write_text(paths["markdown"], markdown(report))
     atomic_write_text(paths["html"], html(report))
     return paths
@@ -35,7 +34,7 @@ def markdown(report: dict) -> str:
              f"{len(report['questions'])} questions ({', '.join(report['questions_source'])}"
              + (f", split {report['split']}" if report["split"] else "") + f"); greedy, {report['generation']['max_new_tokens']} new tokens; base model {report['base_model']['name']}.", "",
              "## Means per model", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
-    for key, _ in QUALITY:
+    for key in summary_keys():
         lines.append(f"| {key} | " + " | ".join(fmt(report["summary"][m][key], ".3f") for m in models) + " |")
     lines.append("| compliance flags | " + " | ".join(str(sum(report["summary"][m]["compliance_flags"].values())) for m in models) + " |")
     for c in report["comparisons"]:
@@ -118,7 +117,7 @@ greedy, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.
 <table class="stats"><tr><th>metric</th><th>mean Δ</th><th>95% CI</th><th>p (Wilcoxon)</th><th>win/tie/loss</th><th>finding</th></tr>
 {% for key, s in c.metrics.items() %}<tr><td class="text">{{ key }}</td><td>{{ "%+.3f"|format(s.mean_delta) }}</td>
 <td>[{{ "%+.3f"|format(s.ci_low) }}, {{ "%+.3f"|format(s.ci_high) }}]</td><td>{{ "%.3g"|format(s.p_value) }}</td>
-<td>{{ s.wins }}/{{ s.ties }}/{{ s.losses }}</td><td class="text {{ 'good' if s.significant and ((s.mean_delta > 0) == (key != 'ref_perplexity')) else ('bad' if s.significant else '') }}">{{ s.verdict }}</td></tr>{% endfor %}</table>{% endfor %}
+<td>{{ s.wins }}/{{ s.ties }}/{{ s.losses }}</td><td class="text {{ 'good' if s.significant and ((s.mean_delta > 0) != (key in lower_is_better)) else ('bad' if s.significant else '') }}">{{ s.verdict }}</td></tr>{% endfor %}</table>{% endfor %}
 <h2>Charts</h2>
 <img id="chart-categories" alt="mean overall score per category" src="{{ charts.categories }}">
 <img id="chart-deltas" alt="distribution of deltas" src="{{ charts.deltas }}">
@@ -137,4 +136,4 @@ def html(report: dict) -> str:
 
     template = Environment(autoescape=True).from_string(_TEMPLATE)
     return template.render(report=report, models=report["models"], questions=report["questions"],
-                           quality=[k for k, _ in QUALITY], charts=charts(report), fmt=fmt)
+                           quality=summary_keys(), lower_is_better=LOWER_IS_BETTER, charts=charts(report), fmt=fmt)
