@@ -6,7 +6,7 @@
 Same adapter, same prompts (the first 8 questions of banking-eval, formatted by banklora's
 formatter), greedy, the same token budget. Each variant runs in its own process:
   plain        AutoModelForCausalLM + PeftModel.from_pretrained, model.generate (the usual recipe)
-  merged       banklora: the adapter merged into the base weights (load(..., merge=True))
+  merged       banklora: the adapter merged into the base weights (load(..., serve=ServingSettings(merge=True)))
   merged+int8  banklora: merged, then the LM head's weights in int8 (chat --int8)
   merged+int8+fp16  banklora: as merged+int8, and the decoder's linear weights in fp16 for
                decoding (chat --int8 --fp16)
@@ -43,13 +43,14 @@ def _model(variant: str, adapter: str):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from banklora.modeling import base_path
+        from banklora.basemodel import embedded_checkpoint
 
-        base = AutoModelForCausalLM.from_pretrained(base_path("gemma-3-270m"), dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(embedded_checkpoint(), dtype=torch.float32)
         return PeftModel.from_pretrained(base, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
     from banklora.modeling import load
+    from banklora.serving import ServingSettings
 
-    loaded = load(adapter, merge=True, quantize="int8" if "int8" in variant else None, fp16_weights="fp16" in variant)
+    loaded = load(adapter, serve=ServingSettings(merge=True, int8_head="int8" in variant, fp16_weights="fp16" in variant))
     return loaded.model, loaded.tokenizer
 
 

@@ -27,11 +27,11 @@ def main() -> None:
 
     from banklora.config import GenerationSettings
     from banklora.data.dataset import load_examples
-    from banklora.data.format import encode_prompt
     from banklora.evaluation import compliance
-    from banklora.evaluation.compare import compare_pair, reference_perplexity, score
+    from banklora.evaluation.compare import compare_pair, prompt_ids, reference_nll, score
     from banklora.generate import generate_batch
     from banklora.modeling import load
+    from banklora.serving import ServingSettings
 
     examples = load_examples([args.questions], split=args.split, questions=True)[: args.limit]
     rules = compliance.load_rules(None)
@@ -39,13 +39,13 @@ def main() -> None:
     answers, speed = {}, {}
     fast = args.variant
     for name in ("fp32", fast):
-        loaded = load(args.adapter, merge=True, quantize="int8" if "int8" in name else None, fp16_weights="fp16" in name)
-        prompts = [encode_prompt(loaded.tokenizer, e.instruction, e.input) for e in examples]
+        loaded = load(args.adapter, serve=ServingSettings(merge=True, int8_head="int8" in name, fp16_weights="fp16" in name))
+        prompts = [prompt_ids(loaded.tokenizer, e) for e in examples]
         start = time.perf_counter()
         gens = generate_batch(loaded.model, loaded.tokenizer, prompts, settings, batch_size=8)
         speed[name] = sum(g.new_tokens for g in gens) / (time.perf_counter() - start)
-        ppls = reference_perplexity(loaded.model, loaded.tokenizer, examples, 8)
-        answers[name] = [score(e, g, p, rules) for e, g, p in zip(examples, gens, ppls)]
+        nlls = reference_nll(loaded.model, loaded.tokenizer, examples, 8)
+        answers[name] = [score(e, g, n, rules) for e, g, n in zip(examples, gens, nlls)]
         del loaded
     rows = [{"answers": {m: answers[m][i] for m in answers}} for i in range(len(examples))]
     pair = compare_pair(rows, "fp32", fast)

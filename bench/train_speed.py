@@ -5,7 +5,9 @@
 
 Both runs get the same examples (the first steps x batch of the train split, tokenized by
 banklora's formatter, so the ids, labels and lengths are identical), the same LoRA config (the
-seed's r=8, alpha=32, dropout 0.1 on q/k/v/o/gate/up/down), lr, warmup, schedule and number of
+seed's r=8, alpha=32, dropout 0.1 on q/k/v/o/gate/up/down), the same AdamW, peak lr, warmup and
+schedule (banklora's: warmup capped at 10% of the run, cosine decay to 10% of the peak; handed
+to the Trainer as a LambdaLR, so neither run warms up or decays differently) and number of
 steps, each in its own fresh process so peak memory (RSS, including loading) is its own. The
 reference is the way most tutorials and LLaMA-Factory do it: `Trainer` with
 `DataCollatorForSeq2Seq` padding labels with -100 and the model's own loss over full logits.
@@ -47,7 +49,7 @@ def _examples(data: str, n: int):
 def _first_batch_loss_reference(model, encoded, batch_size, pad_id):
     import torch
 
-    from banklora.train import collate
+    from banklora.data.batching import collate
 
     batch = collate(encoded[:batch_size], pad_id)
     model.eval()
@@ -63,11 +65,14 @@ def reference(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from banklora.modeling import base_path, load_tokenizer
+    from banklora.basemodel import embedded_checkpoint
+    from banklora.config import TrainSettings
+    from banklora.modeling import load_tokenizer
+    from banklora.train import lr_factor
 
     _, encoded = _examples(args.data, args.steps * args.batch_size)
     tokenizer = load_tokenizer(None)
-    model = AutoModelForCausalLM.from_pretrained(base_path("gemma-3-270m"), dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(embedded_checkpoint(), dtype=torch.float32, attn_implementation="eager")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     first = _first_batch_loss_reference(model, encoded, args.batch_size, tokenizer.pad_token_id)
@@ -93,14 +98,19 @@ def reference(args) -> dict:
 
     clock = Clock()
     out = tempfile.mkdtemp(prefix="bench-ref-")
+    seed = TrainSettings()  # banklora's lr, weight decay and warmup rule, so both runs follow one schedule
+    warmup = seed.warmup_for(args.steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=seed.lr, weight_decay=seed.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, args.steps))
     trainer = InOrder(
         model=model,
-        args=TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=2e-4,
-                               lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 10), max_grad_norm=1.0, logging_steps=1,
-                               save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=42, disable_tqdm=True),
+        args=TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=seed.lr,
+                               max_grad_norm=seed.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                               dataloader_num_workers=0, seed=42, disable_tqdm=True),
         train_dataset=rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[clock],
+        optimizers=(optimizer, schedule),
     )
     trainer.train()
     tokens = sum(len(e) for e in encoded)
@@ -113,13 +123,16 @@ def banklora_first(args) -> dict:
     (its own process, so the training run's peak memory is not inflated by a second model)."""
     import torch
 
-    from banklora.config import TrainSettings
-    from banklora.modeling import load
-    from banklora.train import answer_loss, collate, setup_lora
+    from banklora import kernels
+    from banklora.config import LoraSettings
+    from banklora.data.batching import collate
+    from banklora.loss import answer_loss
+    from banklora.modeling import add_lora, load
 
     _, encoded = _examples(args.data, args.batch_size)
     loaded = load(None, training=True)
-    model = setup_lora(loaded.model, TrainSettings()).eval()
+    model = add_lora(loaded.model, LoraSettings()).eval()
+    kernels.install(model)
     with torch.no_grad():
         return {"first_batch_loss": answer_loss(model, collate(encoded, loaded.tokenizer.pad_token_id)).item()}
 
