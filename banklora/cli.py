@@ -384,6 +384,27 @@ def chat(
     repl(loaded, settings, stream, max_context, sys.stdout)
 
 
+# --------------------------------------------------------------------------------------------- serve
+@app.command()
+def serve(
+    model_path: Annotated[Optional[list[str]], typer.Option("--model-path", help="An adapter directory to serve, as DIR (named after the directory) or NAME=DIR; repeat for more. None: the base alone.")] = None,
+    base_model: BaseModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the server on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="BANKLORA_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on /v1 and /metrics.")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Requests decoded together; later ones join at the next step.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a slot; past it the server answers 429 with Retry-After.")] = 64,
+    int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see README, Performance).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 (CPU; the base served alone only).")] = False,
+) -> None:
+    """Serve the base and adapters over an OpenAI-compatible API, with a web chat at /."""
+    from banklora.serve.launch import build, run
+
+    served_app, served, loaded = build(model_path or [], base_model=base_model, api_key=api_key, max_batch_size=max_batch_size,
+                                       max_queue=max_queue, int8=int8, fp16=fp16)
+    run(served_app, served, loaded, host=host, port=port, api_key=api_key)
+
+
 # --------------------------------------------------------------------------------------------- doctor
 @app.command()
 def doctor(base_model: BaseModelOpt = None) -> None:

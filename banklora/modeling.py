@@ -99,6 +99,7 @@ def load(
     device: str | None = None,
     training: bool = False,
     more_adapters: tuple[str, ...] = (),
+    names: tuple[str, ...] | None = None,
     quantize: str | None = None,
     serve: ServingSettings | None = None,
     verify: bool = False,
@@ -110,7 +111,8 @@ def load(
     given), or a base model (embedded name, directory, hub id). training=True loads a base for
     LoRA training (eager attention, as transformers recommends for Gemma 3).
     more_adapters are loaded beside the first, each checked against the same base; adapters are
-    named after their directories (Loaded.adapter_names); model.set_adapter(name) switches.
+    named after their directories unless `names` names them (Loaded.adapter_names);
+    model.set_adapter(name) switches.
     quantize="4bit" loads the base in NF4 through bitsandbytes (QLoRA; CUDA only).
     serve: the CPU fast paths for answering (merge, int8 head, fp16 weights; banklora/serving.py).
     verify=True checks the base weights' sha256 (about 1 s per GB), for commands where that is
@@ -162,7 +164,7 @@ def load(
     )
     if quantize != "4bit":
         model = model.to(dev)
-    names = adapter_names([str(p) for p in adapters])
+    names = list(names) if names else adapter_names([str(p) for p in adapters])
     if adapters:
         from peft import PeftModel
 

@@ -1,0 +1,297 @@
+"""The server's one generation worker: continuous batching over a base model and its adapters.
+
+Requests wait in a queue; at every step boundary the worker admits as many as the batch has room
+for, prefills them together and joins them to the running batch, then decodes one token for every
+row. Rows may use different adapters (PEFT's per-row `adapter_names`, "__base__" for the base),
+so the base weights are held once and never merged. Rows are left-padded: the KV cache is a
+DynamicCache of full layers whose columns are cache slots, with a 2-D mask saying which slots hold
+a row's real tokens and per-row position ids, so each row sees exactly its own tokens (Gemma's
+sliding window is measured in slots, which equal positions within a row because its padding is
+all on the left). A finished or cancelled row leaves the batch at once and frees its slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from banklora.data.format import stop_token_ids
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server was told to hold (--max-queue)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Event:
+    """What the worker tells a request: new text, and at the end why it ended."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" when the answer ended
+    completion_tokens: int = 0  # generated so far (a stop token not counted)
+    error: str | None = None  # the answer failed; no more events follow
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    adapter: str | None  # None = the base model
+    params: SamplingParams
+    sink: Callable[[Event], None]  # called from the worker thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop this request at the next step; its slot is freed, nothing more is sent."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Row:
+    request: Request
+    next_token: int  # sampled, not yet in the cache
+    position: int  # real tokens of this row in the cache
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the answer already sent
+    done: bool = False
+
+
+class Engine:
+    """One worker thread that owns the model; `submit` is safe from any thread."""
+
+    def __init__(self, model, tokenizer, *, peft: bool, max_batch_size: int = 8, max_queue: int = 64,
+                 on_step: Callable[[int, int], None] | None = None) -> None:
+        self.model, self.tokenizer, self.peft = model, tokenizer, peft
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.device = next(model.parameters()).device
+        self.stop_ids = set(stop_token_ids(tokenizer))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.on_step = on_step  # (waiting, running) after every step, for the metrics
+        self._waiting: deque[Request] = deque()
+        self._wake = threading.Condition()
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, slots], 1 where a slot holds a real token
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="banklora-engine", daemon=True)
+
+    # ------------------------------------------------------------------ the public side
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> None:
+        with self._wake:
+            waiting = sum(not r.cancelled.is_set() for r in self._waiting)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting (--max-queue {self.max_queue})")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    # ------------------------------------------------------------------ the worker
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._waiting and not self._rows:
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    admitted = []
+                    while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
+                        request = self._waiting.popleft()
+                        if not request.cancelled.is_set():
+                            admitted.append(request)
+                try:
+                    if admitted:
+                        self._prefill(admitted)
+                    elif self._rows:
+                        self._decode()
+                except Exception as exc:  # the batch is lost, the server is not
+                    log.exception("generation failed")
+                    for row in self._rows:
+                        row.request.sink(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+                    for request in admitted:
+                        if all(row.request is not request for row in self._rows):
+                            request.sink(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+                    self._rows, self._cache, self._mask = [], None, None
+                self._retire()
+                if self.on_step is not None:
+                    self.on_step(len(self._waiting), len(self._rows))
+
+    def _forward(self, ids, mask, positions, cache, adapters: list[str | None]):
+        kwargs = {}
+        if self.peft:
+            kwargs["adapter_names"] = [a or BASE for a in adapters]
+        slots = cache.get_seq_length()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            cache_position=torch.arange(slots, slots + ids.shape[1], device=self.device), logits_to_keep=1, **kwargs,
+        )
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, requests: list[Request]) -> None:
+        width = max(len(r.prompt) for r in requests)
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in requests])
+        rows = []
+        for i, r in enumerate(requests):
+            generator = None
+            if r.params.temperature > 0:
+                generator = torch.Generator()
+                generator.manual_seed(r.params.seed if r.params.seed is not None else torch.seed())
+            rows.append(_Row(r, next_token=0, position=len(r.prompt), generator=generator))
+        self._join(rows, cache, mask)
+        for row, row_logits in zip(rows, logits):
+            self._advance(row, row_logits)
+
+    def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add prefilled rows to the running batch, left-padding whichever side is shorter."""
+        if self._cache is None:
+            self._rows, self._cache, self._mask = rows, cache, mask
+            return
+        slots, width = self._mask.shape[1], mask.shape[1]
+        if slots < width:
+            _pad_left(self._cache, self._mask, width - slots)
+            self._mask = _pad_mask(self._mask, width - slots)
+        elif width < slots:
+            _pad_left(cache, mask, slots - width)
+            mask = _pad_mask(mask, slots - width)
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self._mask = torch.cat([self._mask, mask])
+        self._rows += rows
+
+    def _decode(self) -> None:
+        n = len(self._rows)
+        ids = torch.tensor([[row.next_token] for row in self._rows], device=self.device)
+        positions = torch.tensor([[row.position] for row in self._rows], device=self.device)
+        mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype, device=self.device)], dim=1)
+        logits = self._forward(ids, mask, positions, self._cache, [row.request.adapter for row in self._rows])
+        self._mask = mask
+        for row, row_logits in zip(self._rows, logits):
+            row.position += 1
+            self._advance(row, row_logits)
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+        """Pick the row's next token; send the text that is now certain; finish the row if it ended."""
+        if row.request.cancelled.is_set():
+            row.done = True
+            return
+        token = _sample(logits, row.request.params, row.generator)
+        params = row.request.params
+        finish = None
+        if token in self.stop_ids:
+            finish = "stop"
+        else:
+            row.generated.append(token)
+            row.next_token = token
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        if finish is None and params.stop:
+            hit = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if hit >= 0:
+                text, finish = text[:hit], "stop"
+        if finish is None and len(row.generated) >= params.max_tokens:
+            finish = "length"
+        if finish is None:
+            text = _certain(text, params.stop)
+        if len(text) > row.emitted or finish is not None:
+            row.request.sink(Event(text[row.emitted:], finish, len(row.generated)))
+            row.emitted = max(row.emitted, len(text))
+        row.done = finish is not None
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled rows, and the cache slots no remaining row uses."""
+        keep = [i for i, row in enumerate(self._rows) if not (row.done or row.request.cancelled.is_set())]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask = self._mask.index_select(0, index)
+        used = self._mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        self._mask = self._mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+            layer.values = layer.values.index_select(0, index)[:, :, first:]
+
+
+def _pad_left(cache: DynamicCache, mask: torch.Tensor, n: int) -> None:
+    for layer in cache.layers:
+        b, h, _, d = layer.keys.shape
+        layer.keys = torch.cat([layer.keys.new_zeros((b, h, n, d)), layer.keys], dim=2)
+        layer.values = torch.cat([layer.values.new_zeros((b, h, n, layer.values.shape[-1])), layer.values], dim=2)
+
+
+def _pad_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([mask.new_zeros((mask.shape[0], n)), mask], dim=1)
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.cpu() / params.temperature, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keeps the token that crosses top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _certain(text: str, stops: tuple[str, ...]) -> str:
+    """The part of an unfinished answer that later tokens cannot change: without a trailing
+    incomplete character, and without a tail that may be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return text[: len(text) - hold]

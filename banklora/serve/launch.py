@@ -1,0 +1,76 @@
+"""Start `banklora serve`: the adapters named on the command line, loaded once beside one base."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+from banklora.errors import UsageError
+from banklora.modeling import adapter_names, is_adapter_dir, load
+from banklora.serve.app import Served, create_app
+from banklora.serve.engine import Engine
+from banklora.serving import ServingSettings
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # PEFT adapter names are module keys: no dots
+API_KEY_ENV = "BANKLORA_API_KEY"
+
+
+def parse_model_paths(specs: list[str]) -> list[tuple[str, Path]]:
+    """`--model-path DIR` or `--model-path name=DIR`, each an adapter directory, names unique."""
+    pairs: list[tuple[str | None, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, Path(path)) if sep and not Path(spec).exists() else (None, Path(spec))
+        if not is_adapter_dir(path):
+            hint = "train one with `banklora train --output-dir DIR`; serve a base model alone with --base-model" if path.exists() else "no such directory"
+            raise UsageError(f"--model-path {spec}: {path} is not a LoRA adapter directory (no adapter_config.json); {hint}")
+        if name is not None and not _NAME.match(name):
+            raise UsageError(f"--model-path {spec}: the name {name!r} may only hold letters, digits, '_' and '-' (at most 64)")
+        pairs.append((name, path))
+    defaults = adapter_names([str(p) for _, p in pairs])
+    names = [n or re.sub(r"[^A-Za-z0-9_-]", "-", d) for (n, _), d in zip(pairs, defaults)]
+    for name in names:
+        if names.count(name) > 1:
+            raise UsageError(f"--model-path: two adapters are named {name!r}; name them with --model-path NAME=DIR")
+    return [(name, path) for name, (_, path) in zip(names, pairs)]
+
+
+def build(model_paths: list[str], *, base_model: str | None = None, api_key: str | None = None, max_batch_size: int = 8,
+          max_queue: int = 64, int8: bool = False, fp16: bool = False, device: str | None = None):
+    """Load the base and adapters (verified) and return the app and what it serves."""
+    if max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be at least 1 (got {max_batch_size})")
+    if max_queue < 0:
+        raise UsageError(f"--max-queue must be 0 or more (got {max_queue})")
+    if api_key is not None and not api_key:
+        raise UsageError(f"--api-key (or {API_KEY_ENV}) is empty; give a key, or leave both out to serve without one")
+    adapters = parse_model_paths(model_paths)
+    if fp16 and adapters:
+        raise UsageError("--fp16 needs a plain model and the server keeps adapters unmerged (one base serves them all); "
+                         "leave --fp16 out, or serve the base alone")
+    names = tuple(name for name, _ in adapters)
+    first, more = (str(adapters[0][1]), tuple(str(p) for _, p in adapters[1:])) if adapters else (base_model, ())
+    loaded = load(first, base_model=base_model if adapters else None, more_adapters=more, names=names or None, device=device,
+                  serve=ServingSettings(merge=not adapters, int8_head=int8, fp16_weights=fp16), verify=True)
+    served = Served(base=loaded.base.name, adapters=tuple(loaded.adapter_names), created=int(time.time()),
+                    context=int(loaded.model.config.max_position_embeddings))
+    if served.base in served.adapters:
+        raise UsageError(f"--model-path: an adapter is named {served.base!r} like the base; name it with --model-path NAME=DIR")
+    engine = Engine(loaded.model, loaded.tokenizer, peft=bool(adapters), max_batch_size=max_batch_size, max_queue=max_queue)
+    return create_app(engine, loaded.tokenizer, served, api_key=api_key), served, loaded
+
+
+def run(app, served: Served, loaded, *, host: str, port: int, api_key: str | None) -> None:
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("serving on %s without an API key: anyone who reaches this address can use the models; set --api-key or %s",
+                    host, API_KEY_ENV)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving %s%s on %s", served.base, "".join(f", {a}" for a in served.adapters), loaded.device)
+    log.info("OpenAI API at http://%s:%d/v1, web chat at http://%s:%d/", shown, port, shown, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,460 @@
+"""`banklora serve` as users meet it: a real uvicorn process on 127.0.0.1, a tiny Gemma3 with two
+tiny adapters of different weights, the real `openai` client, and raw HTTP for the error shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+KEY = "test-key-0123"
+QUESTIONS = ["如何办理业务1？", "信用卡逾期会怎样？", "你好", "请介绍一下定期存款提前支取的规则。"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, args: list[str], api_key: str | None = KEY) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, BANKLORA_LOG_LEVEL="WARNING", COLUMNS="200")
+        env.pop("BANKLORA_API_KEY", None)
+        if api_key:
+            env["BANKLORA_API_KEY"] = api_key
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"banklora-serve-{self.port}.log", "w+")
+        self.process = subprocess.Popen([sys.executable, "-m", "banklora", "serve", "--port", str(self.port), *args],
+                                        stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"banklora serve exited with {self.process.returncode}:\n{self.log.read()}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("banklora serve did not answer /health in 180 s")
+
+    def request(self, method: str, path: str, body: bytes | None = None, key: str | None = KEY, timeout: float = 120):
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read().decode(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), dict(e.headers)
+
+    def get(self, path: str, key: str | None = KEY):
+        return self.request("GET", path, key=key)
+
+    def post(self, path: str, payload, key: str | None = KEY, timeout: float = 120):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request("POST", path, body, key=key, timeout=timeout)
+
+    def client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, **kwargs)
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.process.kill()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_base, small_data) -> dict[str, Path]:
+    """Two adapters of clearly different weights on tiny_base (trained at different lr)."""
+    from banklora.config import TrainSettings
+    from banklora.train import train
+
+    out = {}
+    for name, lr in (("alpha", 1e-2), ("beta", 3e-2)):
+        path = tmp_path_factory.mktemp("served") / name
+        train(TrainSettings(base_model=str(tiny_base), data=str(small_data), output_dir=str(path), max_steps=3, batch_size=2, lr=lr),
+              show_progress=False)
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(adapters, tiny_base):
+    s = Server(["--base-model", str(tiny_base), "--model-path", str(adapters["alpha"]), "--model-path", f"b={adapters['beta']}",
+                "--max-batch-size", "8"])
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def alone(server, tiny_base):
+    """Each model's greedy answer to each question, asked one at a time."""
+    client = server.client()
+    names = [str(tiny_base), "alpha", "b"]
+    return {(m, q): client.chat.completions.create(model=m, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=12)
+            .choices[0].message.content for m in names for q in QUESTIONS}
+
+
+def test_models_lists_the_base_and_adapters_with_parent(server, tiny_base):
+    models = {m.id: m for m in server.client().models.list().data}
+    assert set(models) == {str(tiny_base), "alpha", "b"}
+    assert models["alpha"].parent == models["b"].parent == str(tiny_base)
+    assert getattr(models[str(tiny_base)], "parent", None) is None
+
+
+def test_answers_equal_chat_prompt_and_adapters_differ_from_base(server, alone, adapters, tiny_base, tokenizer):
+    from banklora.data.format import encode_conversation
+
+    from conftest import cli
+
+    q = QUESTIONS[1]
+    client = server.client()
+    for model, path in ((str(tiny_base), tiny_base), ("alpha", adapters["alpha"]), ("b", adapters["beta"])):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=12)
+        prompt = encode_conversation(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True).input_ids
+        assert r.usage.prompt_tokens == len(prompt)
+        assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"  # a random tiny model never ends its turn
+        assert r.usage.total_tokens == len(prompt) + 12
+        args = ["chat", "--model-path", str(path), "--prompt", q, "--temperature", "0", "--max-new-tokens", "12", "--no-stream"]
+        args += ["--base-model", str(tiny_base)] if model != str(tiny_base) else []
+        result = cli(*args)
+        assert result.returncode == 0, result.stderr
+        # chat merges the adapter into the weights; the server keeps it beside the base: same greedy tokens here
+        assert r.choices[0].message.content.strip() == result.stdout.strip()
+    base = [alone[(str(tiny_base), q)] for q in QUESTIONS]
+    assert base != [alone[("alpha", q)] for q in QUESTIONS] and base != [alone[("b", q)] for q in QUESTIONS]
+    assert [alone[("alpha", q)] for q in QUESTIONS] != [alone[("b", q)] for q in QUESTIONS]
+
+
+def test_streaming_gives_the_same_answer_then_usage_then_done(server, alone):
+    client = server.client()
+    chunks = list(client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": QUESTIONS[0]}], temperature=0,
+                                                 max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == alone[("alpha", QUESTIONS[0])]
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    status, body, headers = server.post("/v1/chat/completions", {"model": "b", "messages": [{"role": "user", "content": "你好"}],
+                                                                 "max_tokens": 3, "temperature": 0, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_completions_endpoint_and_stop_strings(server, tiny_base):
+    client = server.client()
+    full = client.completions.create(model="alpha", prompt="银行", temperature=0, max_tokens=8)
+    text = full.choices[0].text
+    assert full.usage.completion_tokens == 8 and full.choices[0].finish_reason == "length" and text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="alpha", prompt="银行", temperature=0, max_tokens=8,
+                                                                               stream=True))
+    assert streamed == text
+    stop = text[len(text) // 2:][:2] or text[-1]
+    cut = client.completions.create(model="alpha", prompt="银行", temperature=0, max_tokens=8, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[: text.find(stop)]
+    cut_stream = "".join(c.choices[0].text for c in client.completions.create(model="alpha", prompt="银行", temperature=0,
+                                                                                 max_tokens=8, stop=[stop], stream=True))
+    assert cut_stream == text[: text.find(stop)]
+
+
+def test_sampling_with_a_seed_repeats_and_temperature_varies(server):
+    client = server.client()
+
+    def ask(seed):
+        return client.chat.completions.create(model="b", messages=[{"role": "user", "content": "你好"}], temperature=1.5, top_p=0.95,
+                                              max_tokens=10, seed=seed).choices[0].message.content
+
+    assert ask(7) == ask(7)
+    assert len({ask(s) for s in range(4)}) > 1
+
+
+CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"stop": ""}, "stop"),
+    ({"stop": ["a", ""]}, "stop"),
+    ({"n": 2}, "n"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "b"}]}, "messages"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": None}, "model"),
+])
+def test_bad_requests_get_openai_errors_with_param(server, change, param):
+    status, body, _ = server.post("/v1/chat/completions", {**CHAT, **change})
+    assert status == 400, body
+    error = json.loads(body)["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_unknown_model_context_overflow_bad_json_and_unknown_route(server):
+    status, body, _ = server.post("/v1/chat/completions", {**CHAT, "model": "nope"})
+    error = json.loads(body)["error"]
+    assert status == 404 and error["param"] == "model" and error["code"] == "model_not_found" and "alpha" in error["message"]
+    status, body, _ = server.post("/v1/chat/completions", {**CHAT, "max_tokens": 1020})  # the tiny model's context: 1024
+    error = json.loads(body)["error"]
+    assert status == 400 and error["code"] == "context_length_exceeded" and "1024" in error["message"] and "1020" in error["message"]
+    status, body, headers = server.post("/v1/chat/completions", {**CHAT, "max_tokens": 1020, "stream": True})
+    assert status == 400 and headers["content-type"].startswith("application/json")  # refused before any stream bytes
+    status, body, _ = server.post("/v1/chat/completions", b"{not json")
+    assert status == 400 and "JSON" in json.loads(body)["error"]["message"]
+    status, body, _ = server.get("/v1/nothing-here")
+    assert status == 404 and "error" in json.loads(body)
+    status, body, _ = server.post("/v1/completions", {"model": "alpha", "prompt": ["a", "b"]})
+    assert status == 400 and json.loads(body)["error"]["param"] == "prompt"
+
+
+def test_the_openai_client_sees_these_errors(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        server.client().chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], temperature=3)
+    assert bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_api_key_is_required_except_for_health_and_the_page(server):
+    for key in (None, "wrong-key", KEY + "x"):
+        status, body, _ = server.get("/v1/models", key=key)
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+        assert server.post("/v1/chat/completions", CHAT, key=key)[0] == 401
+        assert server.get("/metrics", key=key)[0] == 401
+    assert server.get("/health", key=None)[0] == 200
+    status, page, headers = server.get("/", key=None)
+    assert status == 200 and headers["content-type"].startswith("text/html") and "对比模式" in page
+    assert "http://" not in page and "https://" not in page  # no CDN: works offline
+
+
+def test_eight_concurrent_requests_over_three_models_equal_their_answers_alone(server, alone, tiny_base):
+    jobs = [(m, q) for m in (str(tiny_base), "alpha", "b") for q in QUESTIONS][:8]
+    results: dict = {}
+
+    def ask(job):
+        model, q = job
+        results[job] = server.client().chat.completions.create(model=model, messages=[{"role": "user", "content": q}], temperature=0,
+                                                              max_tokens=12).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert {job: results.get(job) for job in jobs} == {job: alone[job] for job in jobs}
+
+
+def test_cancelled_requests_free_their_slots(server):
+    import openai
+
+    def impatient():
+        try:
+            server.client(timeout=0.5).chat.completions.create(model="b", messages=[{"role": "user", "content": "你好"}],
+                                                               temperature=0, max_tokens=1000)
+        except openai.APITimeoutError:
+            pass
+
+    def impatient_stream():
+        stream = server.client().chat.completions.create(model="alpha", messages=[{"role": "user", "content": "你好"}],
+                                                         temperature=0, max_tokens=1000, stream=True)
+        next(iter(stream))
+        stream.close()  # the client hangs up after the first chunk
+
+    threads = [threading.Thread(target=f) for f in [impatient] * 10 + [impatient_stream] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        health = json.loads(server.get("/health", key=None)[1])
+        if health["running"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.2)
+    assert health["running"] == 0 and health["waiting"] == 0, health  # 1000-token answers would still be decoding
+    r = server.client().chat.completions.create(model="alpha", messages=[{"role": "user", "content": "你好"}], temperature=0, max_tokens=4)
+    assert r.usage.completion_tokens == 4
+
+
+def test_metrics_count_requests_tokens_and_first_token_times(server):
+    server.client().chat.completions.create(model="alpha", messages=[{"role": "user", "content": "你好"}], temperature=0, max_tokens=3)
+    status, text, headers = server.get("/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(lines['banklora_requests_total{endpoint="chat",model="alpha",status="200"}']) >= 1
+    assert float(lines['banklora_completion_tokens_total{model="alpha"}']) >= 3
+    assert float(lines['banklora_time_to_first_token_seconds_count{endpoint="chat"}']) >= 1
+    assert "banklora_queue_waiting" in lines and "banklora_batch_running" in lines
+
+
+def test_a_full_queue_answers_429_with_retry_after(adapters, tiny_base):
+    s = Server(["--base-model", str(tiny_base), "--model-path", str(adapters["alpha"]), "--max-batch-size", "1", "--max-queue", "1"])
+    try:
+        long = {**CHAT, "max_tokens": 1000, "stream": True}
+
+        def post_long():
+            try:
+                s.post("/v1/chat/completions", long)
+            except OSError:  # the server is killed at the end
+                pass
+
+        # one decoding, one waiting: the next is refused at once
+        first = threading.Thread(target=post_long, daemon=True)
+        first.start()
+        deadline = time.time() + 20
+        while json.loads(s.get("/health", key=None)[1])["running"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        second = threading.Thread(target=post_long, daemon=True)
+        second.start()
+        while json.loads(s.get("/health", key=None)[1])["waiting"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        status, body, headers = s.post("/v1/chat/completions", CHAT)
+        assert status == 429 and headers["retry-after"] == "1"
+        assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        s.stop(kill=True)  # the two long answers are not waited for
+
+
+def test_serve_refuses_bad_flags_with_a_sentence(tmp_path, adapters):
+    from conftest import cli
+
+    result = cli("serve", "--model-path", str(tmp_path))
+    assert result.returncode == 2 and "not a LoRA adapter directory" in result.stderr
+    result = cli("serve", "--model-path", f"bad.name={adapters['alpha']}")
+    assert result.returncode == 2 and "bad.name" in result.stderr
+    result = cli("serve", "--model-path", f"x={adapters['alpha']}", "--model-path", f"x={adapters['beta']}")
+    assert result.returncode == 2 and "two adapters are named 'x'" in result.stderr
+    result = cli("serve", "--model-path", str(adapters["alpha"]), "--fp16")
+    assert result.returncode == 2 and "--fp16" in result.stderr
+
+
+@pytest.fixture
+def in_process(adapters, tiny_base):
+    """The same app under uvicorn in this process, so a test can reach into its engine."""
+    import uvicorn
+
+    from banklora.serve.launch import build
+
+    app, _, _ = build([str(adapters["alpha"])], base_model=str(tiny_base))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app.state.engine
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_a_failure_mid_stream_sends_an_error_chunk_then_done(in_process):
+    url, engine = in_process
+    real, calls = engine._forward, []
+
+    def failing_on_the_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    engine._forward = failing_on_the_third_step
+    body = json.dumps({**CHAT, "max_tokens": 10, "temperature": 0, "stream": True}).encode()
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert error["type"] == "server_error" and "injected failure" in error["message"]
+    assert len(calls) == 3 and events[0].startswith("data: ") and '"role": "assistant"' in events[0]
+    engine._forward = real  # the worker survives: the next request is answered
+    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({**CHAT, "temperature": 0}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert json.loads(r.read())["usage"]["completion_tokens"] == 2
+
+
+def test_schemathesis_finds_no_server_error_or_schema_violation(server):
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+    result = subprocess.run([str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.url}/openapi.json",
+                             "-H", f"Authorization: Bearer {KEY}", "--checks", checks, "--max-examples", "25", "--seed", "1",
+                             "--request-timeout", "60", "--no-color"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def test_web_chat_streams_switches_model_and_compares_side_by_side_in_chromium(server, alone, tiny_base):
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    base, q = str(tiny_base), QUESTIONS[1]
+    artifacts = Path(os.environ.get("BANKLORA_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+
+    def ask(page, panes):
+        page.fill("#question", q)
+        page.press("#question", "Enter")
+        for pane in panes:
+            page.wait_for_selector(f"#{pane} .meta", timeout=60_000)
+        return [page.locator(f"#{pane} .msg.assistant").last.inner_text().strip() for pane in panes]
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(server.url + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+        page.fill("#max_tokens", "12")
+        # count how often the answer's text changes while it streams in
+        page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
+            .observe(document.getElementById('pane1'), {subtree: true, characterData: true, childList: true}); }""")
+        assert ask(page, ["pane1"]) == [alone[(base, q)].strip()]
+        assert page.evaluate("window.updates") > 3  # question, streamed pieces, meta line: not one final paint
+        page.select_option("#model", "alpha")
+        assert ask(page, ["pane1"]) == [alone[("alpha", q)].strip()]
+        page.check("#side")  # the left pane goes back to the base and starts afresh
+        assert page.input_value("#model") == base and page.input_value("#model2") == "alpha"
+        assert page.locator("#pane1 .msg").count() == 0
+        page.select_option("#model2", "b")
+        assert ask(page, ["pane1", "pane2"]) == [alone[(base, q)].strip(), alone[("b", q)].strip()]
+        page.screenshot(path=str(artifacts / "web-chat-side-by-side.png"), full_page=True)
+        browser.close()
