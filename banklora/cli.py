@@ -423,7 +423,7 @@ def doctor(base_model: BaseModelOpt = None) -> None:
 @app.command()
 @settings_options(defaults=QUICKSTART)
 def quickstart(*, flags: dict) -> None:
-    """The whole job on the embedded model: data -> train -> compare, then how to chat.
+    """The whole job on the embedded model: data -> train -> compare, then how to chat and serve.
 
     It trains on the seed's 16 pairs (banking-seed) for 5 epochs at lr 1e-3 (20 steps), so the
     whole run fits in 15 minutes on 2 cores: with 16 examples, the seed's 3 epochs at 2e-4 (12
@@ -447,6 +447,7 @@ def quickstart(*, flags: dict) -> None:
     console.print(f"quickstart finished in {time.perf_counter() - start:.0f} s")
     console.print(f"adapter: {output_dir}    report: {default_report_path(output_dir).with_suffix('.html')} (and .json, .md)")
     console.print(f"chat with it:  banklora chat --model-path {output_dir}")
+    console.print(f"serve it:      banklora serve --model-path {output_dir}   (OpenAI API at http://127.0.0.1:8000/v1, web chat at /)")
 
 
 def main() -> None:

@@ -230,7 +230,8 @@ def test_quickstart_runs_data_train_compare_on_a_given_base(tiny_base, tmp_path)
     out = tmp_path / "quick"
     result = cli("quickstart", "--base-model", str(tiny_base), "--output-dir", str(out), "--max-steps", "2")
     assert result.returncode == 0, result.stderr
-    for stage in ("1/3 data", "2/3 train", "3/3 compare", "quickstart finished", f"banklora chat --model-path {out}"):
+    for stage in ("1/3 data", "2/3 train", "3/3 compare", "quickstart finished", f"banklora chat --model-path {out}",
+                  f"banklora serve --model-path {out}"):
         assert stage in result.stdout, stage
     meta = json.loads((out / "banklora_meta.json").read_text())
     assert meta["training"]["data"] == ["banking-seed"] and meta["training"]["epochs"] == 5.0 and meta["training"]["lr"] == 1e-3

@@ -317,6 +317,11 @@ def test_metrics_count_requests_tokens_and_first_token_times(server):
     assert float(lines['banklora_completion_tokens_total{model="alpha"}']) >= 3
     assert float(lines['banklora_time_to_first_token_seconds_count{endpoint="chat"}']) >= 1
     assert "banklora_queue_waiting" in lines and "banklora_batch_running" in lines
+    # the worker's steps: a prefill and at least 2 decode steps (3 tokens), each with at least one row
+    assert float(lines['banklora_step_rows_count{kind="prefill"}']) >= 1
+    decode_steps = float(lines['banklora_step_rows_count{kind="decode"}'])
+    assert decode_steps >= 2 and float(lines['banklora_step_rows_sum{kind="decode"}']) >= decode_steps
+    assert float(lines['banklora_step_seconds_sum{kind="decode"}']) > 0
 
 
 def test_a_full_queue_answers_429_with_retry_after(adapters, tiny_base):

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from banklora.config import GenerationSettings
 from banklora.data.format import encode_conversation
-from banklora.serve.engine import Engine, Event, QueueFull, Request, SamplingParams
+from banklora.serve.engine import Engine, Event, QueueFull, Request, SamplingParams, StepInfo
 from banklora.serve.schemas import (ERRORS, ApiError, ChatAnswer, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
                                     CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage)
 
@@ -70,9 +70,17 @@ class Metrics:
         self.ttft = Histogram("banklora_time_to_first_token_seconds", "Time from arrival to the first token", ["endpoint"],
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40), registry=self.registry)
 
-    def on_step(self, waiting: int, running: int) -> None:
-        self.waiting.set(waiting)
-        self.running.set(running)
+        self.step_rows = Histogram("banklora_step_rows", "Rows in one forward pass of the worker, by kind (prefill, decode)", ["kind"],
+                                   buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.step_seconds = Histogram("banklora_step_seconds", "Duration of one forward pass of the worker, by kind", ["kind"],
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5), registry=self.registry)
+
+    def on_step(self, step: StepInfo) -> None:
+        self.waiting.set(step.waiting)
+        self.running.set(step.running)
+        if step.rows:  # not a step that found only cancelled requests
+            self.step_rows.labels(step.kind).observe(step.rows)
+            self.step_seconds.labels(step.kind).observe(step.seconds)
 
 
 def _page() -> str:

@@ -52,6 +52,17 @@ class Event:
     error: str | None = None  # the answer failed; no more events follow
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """One step of the worker: what it ran, on how many rows, how long it took, what is left."""
+
+    kind: str  # "prefill" (new requests joined) | "decode" (one token for every running row)
+    rows: int
+    seconds: float
+    waiting: int  # after the step
+    running: int
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -81,13 +92,13 @@ class Engine:
     """One worker thread that owns the model; `submit` is safe from any thread."""
 
     def __init__(self, model, tokenizer, *, peft: bool, max_batch_size: int = 8, max_queue: int = 64,
-                 on_step: Callable[[int, int], None] | None = None) -> None:
+                 on_step: Callable[[StepInfo], None] | None = None) -> None:
         self.model, self.tokenizer, self.peft = model, tokenizer, peft
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.device = next(model.parameters()).device
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.on_step = on_step  # (waiting, running) after every step, for the metrics
+        self.on_step = on_step  # after every step, for the metrics
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._rows: list[_Row] = []
@@ -136,6 +147,7 @@ class Engine:
                         request = self._waiting.popleft()
                         if not request.cancelled.is_set():
                             admitted.append(request)
+                started, kind, rows = time.perf_counter(), "prefill" if admitted else "decode", len(admitted) or len(self._rows)
                 try:
                     if admitted:
                         self._prefill(admitted)
@@ -151,7 +163,7 @@ class Engine:
                     self._rows, self._cache, self._mask = [], None, None
                 self._retire()
                 if self.on_step is not None:
-                    self.on_step(len(self._waiting), len(self._rows))
+                    self.on_step(StepInfo(kind, rows, time.perf_counter() - started, len(self._waiting), len(self._rows)))
 
     def _forward(self, ids, mask, positions, cache, adapters: list[str | None]):
         kwargs = {}
