@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -142,8 +141,8 @@ def main() -> None:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=600)
         base_name = next(m.id for m in client.models.list().data if m.id != "banking")
         requests = _requests(base_name)
-        _one(client, {**requests[0]}, 4)  # warm-up: the first forward pass allocates
-        _one(client, {**requests[1]}, 4)
+        for request in requests[:2]:  # warm-up, base and adapter: the first forward passes allocate
+            _one(client, request, 4)
         results = []
         for clients in levels:
             before = _occupancy(port)
@@ -181,5 +180,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    threading.excepthook = lambda a: print(f"thread failed: {a.exc_value}", file=sys.stderr)
     main()
