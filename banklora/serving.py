@@ -9,10 +9,16 @@ the loaded model. What each path does and costs (README, Performance):
   W @ x^T, and with fp16 weights an fp16 copy for one or two rows.
 - int8 head: the 262,144 x 640 LM head, the largest read per token, in int8 with one scale per
   output row. Works on a merged model and on a PeftModel with adapters beside the base.
+- stacked adapters (the server: a PeftModel with adapters beside the base, rows of one batch
+  asking different ones through PEFT's `adapter_names`): each LoRA layer's adapters stacked into
+  one A (sum of ranks x in) and one scaled B, so a mixed batch costs two small matmuls and a row
+  mask per layer instead of PEFT's gather, two matmuls and scatter per adapter; the base weight's
+  product and the LM head as DecodeLinear's W @ x^T. The same products in another summation order.
 """
 
 from __future__ import annotations
 
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +35,8 @@ class ServingSettings:
     """LM head in int8 (CPU inference): ~2x faster tokens, a measured perplexity cost."""
     fp16_weights: bool = False
     """fp16 copies of the decoder's weights for single-stream decoding (CPU; needs a plain model)."""
+    stacked: bool = False
+    """Adapters kept beside the base for batches whose rows ask different ones (the server): stacked per layer."""
 
     def check(self, *, training: bool, device: torch.device, adapters: int) -> None:
         """Refuse combinations that cannot work, before anything is loaded."""
@@ -37,6 +45,8 @@ class ServingSettings:
                 raise UsageError(f"{what} weights are for CPU inference (chat, serving); on a GPU bf16 is already fast")
         if self.fp16_weights and adapters and not self.merged(adapters):
             raise UsageError("fp16 weights need the adapter merged (one adapter, merge=True)")
+        if self.stacked and (training or self.merged(adapters)):
+            raise UsageError("stacked adapters are for serving adapters unmerged beside their base")
 
     def merged(self, adapters: int) -> bool:
         """True when the loaded model ends up plain: one adapter merged, or a base alone."""
@@ -51,6 +61,8 @@ def apply(model, settings: ServingSettings, device: torch.device, adapters: int)
         int8_head(model)
     if device.type == "cpu" and settings.merged(adapters) and (settings.merge or settings.fp16_weights):
         decode_linears(model, fp16=settings.fp16_weights)  # a plain model here: no LoRA layers to keep intact
+    elif settings.stacked:
+        stack_adapters(model, decode=device.type == "cpu")
     return model
 
 
@@ -101,20 +113,27 @@ class DecodeLinear(torch.nn.Module):
         self.register_buffer("weight16", linear.weight.detach().to(torch.float16) if fp16 else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > self.SMALL_ROWS or x.dtype != self.weight.dtype:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features)
-        y = None
-        if self.weight16 is not None and rows <= self.HALF_ROWS:
-            y = torch.nn.functional.linear(flat.to(torch.float16), self.weight16).to(x.dtype)
-            if not bool(torch.isfinite(y).all()):
-                y = None
-        if y is None:
-            y = torch.mm(self.weight, flat.T).T
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return decode_product(x, self.weight, self.bias, self.weight16)
+
+
+def decode_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   weight16: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias as DecodeLinear computes it (see there)."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    if rows > DecodeLinear.SMALL_ROWS or x.dtype != weight.dtype:
+        return torch.nn.functional.linear(x, weight, bias)
+    flat = x.reshape(rows, in_features)
+    y = None
+    if weight16 is not None and rows <= DecodeLinear.HALF_ROWS:
+        y = torch.nn.functional.linear(flat.to(torch.float16), weight16).to(x.dtype)
+        if not bool(torch.isfinite(y).all()):
+            y = None
+    if y is None:
+        y = torch.mm(weight, flat.T).T
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def decode_linears(model, fp16: bool) -> None:
@@ -125,3 +144,63 @@ def decode_linears(model, fp16: bool) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
                 setattr(parent, name, DecodeLinear(child, fp16=fp16 and child is not head))
+
+
+@dataclass(frozen=True)
+class _Stack:
+    a: torch.Tensor  # [sum of ranks, in]: every adapter's A, one under the other
+    b: torch.Tensor  # [sum of ranks, out]: every adapter's (B * scaling)^T
+    owners: tuple[str, ...]  # the adapter each of the stacked ranks belongs to
+    decode: bool  # the base weight's product as DecodeLinear's (CPU)
+    masks: dict  # (adapter_names, owners) -> [rows, 1, ranks] row mask, shared by the layers
+
+
+def stack_adapters(model, decode: bool) -> int:
+    """Every vanilla LoRA linear of a PeftModel answers a batch whose rows name their adapters
+    (`adapter_names`, "__base__" for none) with its adapters stacked (module docstring); other
+    calls keep PEFT's forward. DoRA and other variants, biased LoRA layers and non-linear bases
+    keep PEFT's path. With decode, the LM head (when a plain linear) becomes a DecodeLinear.
+    Returns how many LoRA layers were stacked."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    masks: dict = {}
+    stacked = 0
+    for module in model.modules():
+        if (type(module) is not LoraLinear or module.lora_variant or type(module.base_layer) is not torch.nn.Linear
+                or any(m.bias is not None for m in (*module.lora_A.values(), *module.lora_B.values()))):
+            continue
+        names = list(module.lora_A)
+        with torch.no_grad():
+            a = torch.cat([module.lora_A[n].weight for n in names])
+            b = torch.cat([(module.lora_B[n].weight * module.scaling[n]).T for n in names]).contiguous()
+        owners = tuple(n for n in names for _ in range(module.lora_A[n].weight.shape[0]))
+        module._banklora_stack = _Stack(a, b, owners, decode, masks)
+        module.forward = types.MethodType(_stacked_forward, module)
+        stacked += 1
+    head = model.get_output_embeddings()
+    if decode and type(head) is torch.nn.Linear:
+        parent, name = _parent_of(model, head)
+        setattr(parent, name, DecodeLinear(head, fp16=False))
+    return stacked
+
+
+def _stacked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    names = kwargs.get("adapter_names")
+    if names is None or args or len(kwargs) > 1 or self.disable_adapters or self.merged or self.training:
+        return type(self).forward(self, x, *args, **kwargs)
+    stack: _Stack = self._banklora_stack
+    base = self.base_layer
+    result = decode_product(x, base.weight, base.bias) if stack.decode else base(x)
+    key = (tuple(names), stack.owners, x.dim())
+    found = stack.masks.get(key)
+    if found is None:
+        if len(stack.masks) > 512:  # batch compositions seen; keep the cache small
+            stack.masks.clear()
+        rows = [[n == o for o in stack.owners] for n in names]
+        mask = torch.tensor(rows, dtype=stack.a.dtype, device=x.device).reshape(len(names), *([1] * (x.dim() - 2)), len(stack.owners))
+        found = stack.masks[key] = (mask, any(map(any, rows)))
+    mask, used = found
+    if not used:  # every row asks the base
+        return result
+    u = (x.to(stack.a.dtype) @ stack.a.T) * mask
+    return result + (u @ stack.b).to(result.dtype)

@@ -100,3 +100,44 @@ def test_the_int8_head_works_on_adapters_kept_beside_the_base(tiny_adapter, toke
             assert not torch.equal(a, b) and (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
         with int8.model.disable_adapter():
             assert torch.isfinite(int8.model(input_ids=ids).logits).all()
+
+
+
+def test_stacked_adapters_give_peft_mixed_batch_logits(tiny_adapter, tokenizer, tmp_path):
+    """The server's stacked adapters: a batch whose rows ask the base and two adapters gives, row
+    by row, what PEFT's own mixed-batch path gives (the same products, another summation order),
+    for a prompt's prefill and for a decoding step of one token per row."""
+    import shutil
+
+    from peft.tuners.lora import Linear as LoraLinear
+    from safetensors.torch import load_file, save_file
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny_adapter, second)
+    weights = load_file(second / "adapter_model.safetensors")
+    save_file({k: -3 * v if "lora_B" in k else v for k, v in weights.items()}, second / "adapter_model.safetensors")
+    peft = load(str(tiny_adapter), more_adapters=(str(second),))
+    stacked = load(str(tiny_adapter), more_adapters=(str(second),), serve=ServingSettings(stacked=True))
+    layers = [m for m in stacked.model.modules() if type(m) is LoraLinear]
+    assert layers and all("forward" in vars(m) for m in layers)  # every LoRA layer answers through the stack
+    assert isinstance(stacked.model.get_output_embeddings(), DecodeLinear)
+    ids = _ids(tokenizer).repeat(4, 1)
+    names = ["__base__", "tiny", "second", "tiny"]
+    with torch.no_grad():
+        a = peft.model(input_ids=ids, adapter_names=names).logits
+        b = stacked.model(input_ids=ids, adapter_names=names).logits
+        a1 = peft.model(input_ids=ids[:, -1:], adapter_names=names).logits
+        b1 = stacked.model(input_ids=ids[:, -1:], adapter_names=names).logits
+        with peft.model.disable_adapter():
+            base = peft.model(input_ids=ids[:1]).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4) and torch.allclose(a1, b1, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(b[0], base[0], atol=1e-4)  # "__base__" rows get no adapter
+    assert torch.allclose(b[1], b[3], atol=1e-5)  # rows asking the same adapter agree
+    assert (b[1] - b[2]).abs().max() > 1e-2 and (b[1] - b[0]).abs().max() > 1e-3  # and the adapters differ
+
+
+def test_stacked_adapters_are_for_serving_only(tiny_adapter, tiny_base):
+    with pytest.raises(UsageError, match="stacked"):
+        load(str(tiny_adapter), serve=ServingSettings(merge=True, stacked=True))
+    with pytest.raises(UsageError, match="stacked"):
+        load(str(tiny_base), training=True, serve=ServingSettings(stacked=True))

@@ -55,7 +55,7 @@ def build(model_paths: list[str], *, base_model: str | None = None, api_key: str
     names = tuple(name for name, _ in adapters)
     first, more = (str(adapters[0][1]), tuple(str(p) for _, p in adapters[1:])) if adapters else (base_model, ())
     loaded = load(first, base_model=base_model if adapters else None, more_adapters=more, names=names or None, device=device,
-                  serve=ServingSettings(merge=not adapters, int8_head=int8, fp16_weights=fp16), verify=True)
+                  serve=ServingSettings(merge=not adapters, int8_head=int8, fp16_weights=fp16, stacked=bool(adapters)), verify=True)
     served = Served(base=loaded.base.name, adapters=tuple(loaded.adapter_names), created=int(time.time()),
                     context=int(loaded.model.config.max_position_embeddings))
     if served.base in served.adapters:
