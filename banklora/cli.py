@@ -405,6 +405,26 @@ def serve(
     run(served_app, served, loaded, host=host, port=port, api_key=api_key)
 
 
+# --------------------------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model_path: Annotated[str, typer.Option("--model-path", help="The adapter directory to export.")] = DEFAULT_ADAPTER,
+    format: Annotated[str, typer.Option("--format", help="hf (merged fp32 checkpoint: transformers, vLLM), gguf (merged, llama.cpp and Ollama) or gguf-lora (the adapter alone, for a base GGUF).")] = "hf",
+    output: Annotated[Optional[Path], typer.Option("--output", help="Directory to write. [default: exports/NAME-FORMAT]")] = None,
+    type: Annotated[Optional[str], typer.Option("--type", help="GGUF tensor type: q8_0 (default for gguf), f16, f32 (default for gguf-lora).")] = None,
+    base_model: BaseModelOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists.")] = False,
+) -> None:
+    """Export an adapter: a merged HF checkpoint, a merged GGUF, or a LoRA GGUF, each with a model card (GGUF: an Ollama Modelfile)."""
+    from banklora.export import export as run_export
+
+    output = output or Path("exports") / f"{Path(model_path).resolve().name}-{format}{'-' + type.lower() if type else ''}"
+    done = run_export(model_path, format, output, gguf_type=type, base_model=base_model, overwrite=overwrite)
+    console.print(f"exported in {done.seconds:.0f} s: {done.directory}")
+    for name, size in done.files.items():
+        console.print(f"  {name:<36} {size / 1e6:9.1f} MB")
+
+
 # --------------------------------------------------------------------------------------------- doctor
 @app.command()
 def doctor(base_model: BaseModelOpt = None) -> None:

@@ -140,7 +140,7 @@ def load(
     serve.check(training=training, device=dev, adapters=len(adapters))
     base = basemodel.resolve(base_model, verify=verify)
     for path in adapters:
-        _check_adapter(path, meta if path == adapter_dir else read_meta(path), base)
+        check_adapter(path, meta if path == adapter_dir else read_meta(path), base)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -236,7 +236,7 @@ def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file()
 
 
-def _check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) -> None:
+def check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) -> None:
     """The adapter's files are whole and it belongs to this base (by the base weights' sha256)."""
     if not is_adapter_dir(adapter_dir):
         raise UsageError(f"{adapter_dir} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
