@@ -104,11 +104,24 @@ def test_reports_hold_every_number(html_report):
             assert a["ref_perplexity"] == pytest.approx(math.exp(a["ref_nll"]), rel=1e-5)
         delta = q["deltas_vs_base"]["tiny"]
         assert delta["rouge_l"] == pytest.approx(q["answers"]["tiny"]["rouge_l"] - q["answers"]["base"]["rouge_l"], abs=1e-6)
+    # means per language and per category, next to the totals, each recomputed from its questions
+    for field in ("language", "category"):
+        groups = saved["breakdowns"][field]
+        assert sum(g["n"] for g in groups.values()) == 6 and set(groups) == {q[field] for q in saved["questions"]}
+        for value, g in groups.items():
+            rows = [q for q in saved["questions"] if q[field] == value]
+            for m in ("base", "tiny"):
+                assert g["means"][m]["rouge_l"] == pytest.approx(sum(q["answers"][m]["rouge_l"] for q in rows) / len(rows), abs=1e-4)
+                assert g["means"][m]["ref_perplexity"] == pytest.approx(math.exp(sum(q["answers"][m]["ref_nll"] for q in rows) / len(rows)), rel=1e-3)
     md = paths["markdown"].read_text()
     assert "## tiny vs base" in md and "| rouge_l |" in md and "95% CI" in md
+    assert "## Means per language and category" in md
+    for value, g in saved["breakdowns"]["category"].items():
+        assert f"| category {value} | {g['n']} | {g['means']['base']['overall']:.3f} → {g['means']['tiny']['overall']:.3f} |" in md
     html = paths["html"].read_text()
     assert "http://" not in html and "https://" not in html and "<script" not in html  # opens with no network
     assert html.count("data:image/png;base64,") == 3
+    assert html.count('<td class="text">language ') == len(saved["breakdowns"]["language"])
 
 
 def test_html_report_renders_charts_and_table_in_chromium(html_report, tmp_path):

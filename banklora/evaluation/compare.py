@@ -35,6 +35,9 @@ from banklora.modeling import Loaded, is_adapter_dir, load
 QUALITY = (("overall", True), ("keyword_match", True), ("completeness", True), ("rouge_l", True), ("bleu4", True), ("ref_nll", False))
 LOWER_IS_BETTER = frozenset(key for key, higher in QUALITY if not higher) | {"ref_perplexity"}
 SPEED = ("response_seconds", "first_token_seconds", "tokens_per_second")
+BREAKDOWNS = ("language", "category")  # the question fields a report groups its means by
+BREAKDOWN_KEYS = ("overall", "keyword_match", "rouge_l", "bleu4", "ref_nll", "ref_perplexity")
+BREAKDOWN_SHOWN = tuple(k for k in BREAKDOWN_KEYS if k != "ref_nll")  # in tables: perplexity shows the NLL
 
 
 def score(example: Example, gen: Generation, nll: float | None, rules: list[compliance.Rule]) -> dict:
@@ -112,6 +115,20 @@ def summarize(questions: list[dict], models: list[str]) -> dict:
     return summary
 
 
+def breakdowns(questions: list[dict], models: list[str]) -> dict:
+    """The summary's means per language and per category: {field: {value: {"n", "means": {model:
+    {metric: mean}}}}}, groups in order of first appearance, compliance flags counted."""
+    out: dict[str, dict] = {}
+    for field in BREAKDOWNS:
+        out[field] = {}
+        for value in dict.fromkeys(q[field] for q in questions):
+            rows = [q for q in questions if q[field] == value]
+            summary = summarize(rows, models)
+            out[field][value] = {"n": len(rows), "means": {
+                m: {k: summary[m][k] for k in BREAKDOWN_KEYS} | {"compliance_flags": sum(summary[m]["compliance_flags"].values())} for m in models}}
+    return out
+
+
 def compare_pair(questions: list[dict], a: str, b: str) -> dict:
     """Paired statistics of b against a, for every quality metric (questions with a value for both)."""
     result = {"a": a, "b": b, "metrics": {}}
@@ -178,7 +195,7 @@ def run_compare(
     pairs = [("base", name) for name in loaded.adapter_names]
     pairs += [(a, b) for i, a in enumerate(loaded.adapter_names) for b in loaded.adapter_names[i + 1 :]]
     return {
-        "format": "banklora-compare/3",
+        "format": "banklora-compare/4",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": models,
         "adapters": {name: {"path": str(p), "meta": _meta_summary(p)} for name, p in zip(loaded.adapter_names, paths)},
@@ -198,6 +215,7 @@ def run_compare(
         },
         "compliance_rules": [{"id": r.id, "kind": r.kind, "description": r.description} for r in rules],
         "summary": summarize(rows, models),
+        "breakdowns": breakdowns(rows, models),
         "comparisons": [compare_pair(rows, a, b) for a, b in pairs],
         "questions": rows,
     }
@@ -282,6 +300,12 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
         means.add_row(key, *[fmt(report["summary"][m][key], ".3f") for m in models])
     means.add_row("compliance flags", *[str(sum(report["summary"][m]["compliance_flags"].values())) for m in models])
     console.print(means)
+    groups = Table(title="means per language and category (" + " → ".join(models) + ")")
+    for col in ("group", "n", *BREAKDOWN_SHOWN):
+        groups.add_column(col, justify="left" if col == "group" else "right")
+    for field, value, n, cells in breakdown_rows(report):
+        groups.add_row(f"{field} {value}", str(n), *cells)
+    console.print(groups)
     for c in report["comparisons"]:
         stats = Table(title=f"{c['b']} vs {c['a']}: paired over {len(report['questions'])} questions")
         for col in ("metric", "mean Δ", "95% CI", "p (Wilcoxon)", "win/tie/loss", "finding"):
@@ -290,6 +314,18 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
             stats.add_row(key, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
                           f"{s['wins']}/{s['ties']}/{s['losses']}", "significant" if s["significant"] else "not significant")
         console.print(stats)
+
+
+def breakdown_rows(report: dict) -> list[tuple[str, str, int, list[str]]]:
+    """(field, value, n, cells) per group for the tables: one cell "base → adapter ..." per metric
+    of BREAKDOWN_SHOWN."""
+    models = report["models"]
+    rows = []
+    for field, groups in report.get("breakdowns", {}).items():
+        for value, g in groups.items():
+            cells = [" → ".join(fmt(g["means"][m][k], ".1f" if k == "ref_perplexity" else ".3f") for m in models) for k in BREAKDOWN_SHOWN]
+            rows.append((field, value, g["n"], cells))
+    return rows
 
 
 def summary_keys() -> list[str]:

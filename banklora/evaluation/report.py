@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 from banklora.data.stats import CATEGORY_EN
-from banklora.evaluation.compare import LOWER_IS_BETTER, fmt, summary_keys
+from banklora.evaluation.compare import BREAKDOWN_SHOWN, LOWER_IS_BETTER, breakdown_rows, fmt, summary_keys
 from banklora.io import atomic_write_text, to_json
 
 COLORS = ("#7f8c8d", "#2e86de", "#27ae60", "#e67e22", "#8e44ad")
@@ -37,6 +37,10 @@ def markdown(report: dict) -> str:
     for key in summary_keys():
         lines.append(f"| {key} | " + " | ".join(fmt(report["summary"][m][key], ".3f") for m in models) + " |")
     lines.append("| compliance flags | " + " | ".join(str(sum(report["summary"][m]["compliance_flags"].values())) for m in models) + " |")
+    lines += ["", "## Means per language and category", "", f"Each cell: {' → '.join(models)}.", "",
+              "| group | n | " + " | ".join(BREAKDOWN_SHOWN) + " |", "|---|---:|" + "---:|" * len(BREAKDOWN_SHOWN)]
+    for field, value, n, cells in breakdown_rows(report):
+        lines.append(f"| {field} {value} | {n} | " + " | ".join(cells) + " |")
     for c in report["comparisons"]:
         lines += ["", f"## {c['b']} vs {c['a']}", "", "| metric | mean Δ | 95% CI | p | win/tie/loss |", "|---|---:|---:|---:|---:|"]
         for key, s in c["metrics"].items():
@@ -113,6 +117,10 @@ greedy, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.
 <table id="means"><tr><th>metric</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
 {% for key in quality %}<tr><td class="text">{{ key }}</td>{% for m in models %}<td>{{ fmt(report.summary[m][key], ".3f") }}</td>{% endfor %}</tr>{% endfor %}
 <tr><td class="text">compliance flags</td>{% for m in models %}<td>{{ report.summary[m].compliance_flags.values()|sum }}</td>{% endfor %}</tr></table>
+<h2>Means per language and category</h2>
+<p>Each cell: {{ models|join(" → ") }}.</p>
+<table id="breakdowns"><tr><th>group</th><th>n</th>{% for key in breakdown_shown %}<th>{{ key }}</th>{% endfor %}</tr>
+{% for field, value, n, cells in breakdown_rows %}<tr><td class="text">{{ field }} {{ value }}</td><td>{{ n }}</td>{% for c in cells %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
 {% for c in report.comparisons %}<h2>{{ c.b }} vs {{ c.a }}</h2>
 <table class="stats"><tr><th>metric</th><th>mean Δ</th><th>95% CI</th><th>p (Wilcoxon)</th><th>win/tie/loss</th><th>finding</th></tr>
 {% for key, s in c.metrics.items() %}<tr><td class="text">{{ key }}</td><td>{{ "%+.3f"|format(s.mean_delta) }}</td>
@@ -136,4 +144,5 @@ def html(report: dict) -> str:
 
     template = Environment(autoescape=True).from_string(_TEMPLATE)
     return template.render(report=report, models=report["models"], questions=report["questions"],
-                           quality=summary_keys(), lower_is_better=LOWER_IS_BETTER, charts=charts(report), fmt=fmt)
+                           quality=summary_keys(), lower_is_better=LOWER_IS_BETTER, charts=charts(report), fmt=fmt,
+                           breakdown_shown=BREAKDOWN_SHOWN, breakdown_rows=breakdown_rows(report))
