@@ -145,6 +145,7 @@ def data_stats(
 def data_check(
     data: DataOpt = None,
     threshold: Annotated[float, typer.Option(help="Overlap (0..1) at which a held-out question counts as a near-copy.")] = 0.35,
+    paraphrases: Annotated[Optional[list[str]], typer.Option("--paraphrases", help="A set that asks training questions in other words (e.g. banking-paraphrase): checked against the validation and test questions instead, which it must not copy.")] = None,
 ) -> None:
     """Leakage check: validation and test questions must not be near-copies of training questions."""
     from banklora.data.dataset import load_examples
@@ -154,21 +155,24 @@ def data_check(
     examples = load_examples(sources)
     train_set = [e for e in examples if e.split == "train"]
     held_out = [e for e in examples if e.split != "train"]
+    what = "training"
+    if paraphrases:  # paraphrases of training questions may be close to them, never to held-out ones
+        train_set, held_out, what = held_out, load_examples(paraphrases, questions=True), "validation/test"
     if not train_set or not held_out:
         raise UsageError(f"{', '.join(sources)}: the check needs a train split and a validation or test split")
     nearest = nearest_training_questions(train_set, held_out)
     found = leaks(nearest, threshold)
     overlaps = sorted(n.overlap for n in nearest)
     console.print(
-        f"{len(held_out)} held-out vs {len(train_set)} training questions, token {N}-gram containment: "
+        f"{len(held_out)} {'paraphrased' if paraphrases else 'held-out'} vs {len(train_set)} {what} questions, token {N}-gram containment: "
         f"max {overlaps[-1]:.2f}, p95 {overlaps[int(0.95 * (len(overlaps) - 1))]:.2f}, mean {sum(overlaps) / len(overlaps):.2f}; threshold {threshold}"
     )
     for n in sorted(nearest, key=lambda n: -n.overlap)[:5 if not found else len(found)]:
         mark = "[red]LEAK[/]" if n.overlap >= threshold else "    "
         console.print(f"{mark} {n.overlap:.2f} {n.held_out.source} {n.held_out.prompt[:40]!r} ~ {n.train.source} {n.train.prompt[:40]!r}", highlight=False)
     if found:
-        raise BankloraError(f"{len(found)} held-out question(s) are near-copies of training questions; reword them or move them to train")
-    console.print("no leakage: every held-out question is below the threshold")
+        raise BankloraError(f"{len(found)} question(s) are near-copies of {what} questions; reword them" + ("" if paraphrases else " or move them to train"))
+    console.print(f"no leakage: every {'paraphrased' if paraphrases else 'held-out'} question is below the threshold")
 
 
 @data_app.command("scan")
@@ -322,8 +326,10 @@ def compare(
     fail_below: Annotated[Optional[list[str]], typer.Option(help="CI gate, repeatable: exit 1 when an adapter's mean METRIC is below VALUE, e.g. rouge_l=0.2.")] = None,
     fail_on_regression: Annotated[bool, typer.Option(help="CI gate: exit 1 when an adapter is significantly worse than the base on any metric.")] = False,
     answers: Annotated[bool, typer.Option("--answers/--no-answers", help="Print every model's answer to each question.")] = True,
+    knowledge: Annotated[Optional[list[str]], typer.Option(help="Multiple-choice knowledge test scored by likelihood, repeatable: 'banking-mcq' (built-in, 120 questions), a JSONL file, or 'none'. [default: banking-mcq]")] = None,
 ) -> None:
-    """Base vs fine-tuned on the same questions: quality metrics with statistics, compliance, speed."""
+    """Base vs fine-tuned on the same questions: quality metrics with statistics, compliance, speed,
+    and a multiple-choice knowledge test."""
     from banklora.card import record_evaluation
     from banklora.config import GenerationSettings
     from banklora.evaluation.compare import gate, parse_thresholds, print_report, run_compare
@@ -335,8 +341,9 @@ def compare(
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     default = ["banking"] if split else ["banking-eval"]
-    result = run_compare(adapters, questions=questions or default, split=split, settings=settings,
-                         batch_size=batch_size, limit=limit, base_model=base_model, rules_file=compliance_rules)
+    tests = [] if knowledge == ["none"] else (knowledge or ["banking-mcq"])
+    result = run_compare(adapters, questions=questions or default, split=split, settings=settings, batch_size=batch_size,
+                         limit=limit, base_model=base_model, rules_file=compliance_rules, knowledge_tests=tests)
     paths = write_reports(result, report or default_report_path(adapters[-1]))
     for name, info in result["adapters"].items():
         record_evaluation(Path(info["path"]), result, name)  # the model card carries the latest comparison
@@ -462,7 +469,7 @@ def quickstart(*, flags: dict) -> None:
     console.rule("[bold]3/3 compare")
     output_dir = settings.output_dir
     compare(peft_model_path=[output_dir], questions=None, split=None, max_new_tokens=160, batch_size=8, limit=None, report=None,
-            base_model=None, compliance_rules=None, fail_below=None, fail_on_regression=False, answers=True)
+            base_model=None, compliance_rules=None, fail_below=None, fail_on_regression=False, answers=True, knowledge=None)
     console.rule("[bold]done")
     console.print(f"quickstart finished in {time.perf_counter() - start:.0f} s")
     console.print(f"adapter: {output_dir}    report: {default_report_path(output_dir).with_suffix('.html')} (and .json, .md)")

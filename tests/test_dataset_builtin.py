@@ -103,3 +103,53 @@ def test_augmentation_varies_only_training_questions_and_stays_clean(banking):
 
 def test_no_personal_data_alarm_on_the_builtin_set(banking):
     assert privacy.scan(banking) == []
+
+
+def _raw(name: str) -> list[dict]:
+    """A built-in file's records as written (with fields the loaders do not keep, like source)."""
+    import json
+    from importlib.resources import files
+
+    from banklora.data.dataset import BUILTIN
+    from banklora.evaluation.knowledge import BUILTIN as KNOWLEDGE
+
+    path = files("banklora.data").joinpath((BUILTIN | KNOWLEDGE)[name])
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_the_paraphrase_set_asks_train_questions_in_other_words_without_copying_held_out_ones(banking):
+    from banklora.data.leakage import containment, grams
+
+    paraphrases = load_examples(["banking-paraphrase"], questions=True)
+    raw = _raw("banking-paraphrase")
+    by_id = {e.id: e for e in banking}
+    assert len(paraphrases) >= 60 and len({e.category for e in paraphrases}) == 12 and {e.language for e in paraphrases} == {"zh", "en"}
+    sources = [by_id[r["source"]] for r in raw]
+    assert len({s.id for s in sources}) == len(sources)  # each asks a different train question
+    for p, s in zip(paraphrases, sources):
+        assert s.split == "train" and p.output == s.output and p.category == s.category and p.keywords == s.keywords, p.id
+        assert containment(grams(p.prompt), grams(s.prompt)) < 0.6, p.id  # reworded, not a copy with a word changed
+    held_out = [e for e in banking if e.split != "train"]
+    assert leaks(nearest_training_questions(held_out, paraphrases)) == []  # no near-copy of a validation/test question
+
+
+def test_the_knowledge_test_covers_every_category_in_both_parts_and_follows_the_curated_answers(banking):
+    from banklora.evaluation.knowledge import load_choices
+
+    choices = load_choices(["banking-mcq"])
+    raw = {r["id"]: r for r in _raw("banking-mcq")}
+    by_id = {e.id: e for e in banking}
+    assert len(choices) >= 120 and {c.language for c in choices} == {"zh", "en"}
+    for part in ("taught", "held-out"):
+        assert {c.category for c in choices if c.part == part} == {e.category for e in banking}, part
+    positions = Counter(c.answer for c in choices)
+    assert len(positions) == 4 and max(positions.values()) <= 0.3 * len(choices)  # the right letter gives nothing away
+    longest = sum(len(c.options[c.answer]) > max(len(o) for i, o in enumerate(c.options) if i != c.answer) for c in choices)
+    assert longest <= 0.3 * len(choices)  # nor does the longest option
+    for c in choices:
+        source = by_id[raw[c.id]["source"]]
+        assert source.category == c.category, c.id
+        assert (source.split == "train") == (c.part == "taught"), c.id  # taught: from train answers; held-out: from the others
+    train = [e for e in banking if e.split == "train"]
+    asked = [Example(instruction=c.question, output="x", split="test") for c in choices]
+    assert leaks(nearest_training_questions(train, asked)) == []  # asked in other words, not the train questions

@@ -27,6 +27,7 @@ BUILTIN = {
     "banking": "banking.jsonl",  # the curated set: 360 pairs, 12 categories, zh + en, fixed splits
     "banking-seed": "banking_seed.json",  # the seed's 16 pairs (quickstart)
     "banking-eval": "banking_eval.json",  # the seed's 8 comparison questions with keywords
+    "banking-paraphrase": "banking_paraphrase.jsonl",  # 72 train questions in a customer's words, train answers as references
 }
 SPLITS = ("train", "validation", "test")
 REGISTRY_ENV = "BANKLORA_REGISTRY"

@@ -14,6 +14,7 @@ ROUGE without a reference) is None there and left out of its means and statistic
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -26,7 +27,7 @@ from banklora.data.dataset import Example, load_examples
 from banklora.data.batching import collate
 from banklora.data.format import encode_conversation
 from banklora.errors import UsageError
-from banklora.evaluation import compliance, metrics, statistics
+from banklora.evaluation import compliance, knowledge, metrics, statistics
 from banklora.generate import Generation, generate_batch
 from banklora.loss import answer_loss
 from banklora.modeling import Loaded, is_adapter_dir, load
@@ -151,11 +152,14 @@ def run_compare(
     base_model: str | None = None,
     rules_file: Path | None = None,
     loaded: Loaded | None = None,
+    knowledge_tests: list[str] = (),
 ) -> dict:
-    """Answer every question with the base model and each adapter; return the report."""
+    """Answer every question with the base model and each adapter, and score the multiple-choice
+    knowledge tests (built-in names or files) by likelihood; return the report."""
     paths = [peft_model_paths] if isinstance(peft_model_paths, str) else list(peft_model_paths)
     settings = settings or GenerationSettings(max_new_tokens=160)
     rules = compliance.load_rules(rules_file)
+    choices = knowledge.load_choices(list(knowledge_tests))  # bad files fail before the model loads
     if loaded is None:
         for p in paths:
             if not Path(p).exists():
@@ -166,18 +170,20 @@ def run_compare(
     examples = load_examples(list(questions), split=split, questions=True)[:limit]
     if not examples:
         raise UsageError(f"no questions in {', '.join(questions)}" + (f" with split {split}" if split else ""))
+    options = knowledge.option_examples(choices)
     prompts = [prompt_ids(loaded.tokenizer, e) for e in examples]
     model, tok = loaded.model, loaded.tokenizer
     models = ["base", *loaded.adapter_names]
     gens: dict[str, list[Generation]] = {}
     nlls: dict[str, list[float | None]] = {}
-    with model.disable_adapter():
-        gens["base"] = generate_batch(model, tok, prompts, settings, batch_size)
-        nlls["base"] = reference_nll(model, tok, examples, batch_size)
-    for name in loaded.adapter_names:
-        model.set_adapter(name)
-        gens[name] = generate_batch(model, tok, prompts, settings, batch_size)
-        nlls[name] = reference_nll(model, tok, examples, batch_size)
+    option_nll: dict[str, list[float]] = {}
+    for name in models:
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            if name != "base":
+                model.set_adapter(name)
+            gens[name] = generate_batch(model, tok, prompts, settings, batch_size)
+            nlls[name] = reference_nll(model, tok, examples, batch_size)
+            option_nll[name] = reference_nll(model, tok, options, batch_size)
     model.set_adapter(loaded.adapter_names[0])
     rows = []
     for i, e in enumerate(examples):
@@ -217,6 +223,7 @@ def run_compare(
         "summary": summarize(rows, models),
         "breakdowns": breakdowns(rows, models),
         "comparisons": [compare_pair(rows, a, b) for a, b in pairs],
+        "knowledge": knowledge.knowledge_report(choices, option_nll, models, pairs, list(knowledge_tests)) if choices else None,
         "questions": rows,
     }
 
@@ -314,6 +321,7 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
             stats.add_row(key, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
                           f"{s['wins']}/{s['ties']}/{s['losses']}", "significant" if s["significant"] else "not significant")
         console.print(stats)
+    knowledge.print_knowledge(report, console)
 
 
 def breakdown_rows(report: dict) -> list[tuple[str, str, int, list[str]]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from banklora.data.stats import CATEGORY_EN
 from banklora.evaluation.compare import BREAKDOWN_SHOWN, LOWER_IS_BETTER, breakdown_rows, fmt, summary_keys
+from banklora.evaluation.knowledge import knowledge_markdown
 from banklora.io import atomic_write_text, to_json
 
 COLORS = ("#7f8c8d", "#2e86de", "#27ae60", "#e67e22", "#8e44ad")
@@ -46,6 +47,7 @@ def markdown(report: dict) -> str:
         for key, s in c["metrics"].items():
             lines.append(f"| {key} | {s['mean_delta']:+.3f} | [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] | {s['p_value']:.3g} | {s['wins']}/{s['ties']}/{s['losses']} |")
         lines += [""] + [f"- {s['verdict']}" for s in c["metrics"].values()]
+    lines += knowledge_markdown(report)
     return "\n".join(lines) + "\n"
 
 
@@ -126,6 +128,11 @@ greedy, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.
 {% for key, s in c.metrics.items() %}<tr><td class="text">{{ key }}</td><td>{{ "%+.3f"|format(s.mean_delta) }}</td>
 <td>[{{ "%+.3f"|format(s.ci_low) }}, {{ "%+.3f"|format(s.ci_high) }}]</td><td>{{ "%.3g"|format(s.p_value) }}</td>
 <td>{{ s.wins }}/{{ s.ties }}/{{ s.losses }}</td><td class="text {{ 'good' if s.significant and ((s.mean_delta > 0) != (key in lower_is_better)) else ('bad' if s.significant else '') }}">{{ s.verdict }}</td></tr>{% endfor %}</table>{% endfor %}
+{% set k = report.knowledge %}{% if k %}<h2>Knowledge test ({{ k.sources|join(", ") }})</h2>
+<p>Accuracy; each option scored by its likelihood as the answer, chance {{ "%.2f"|format(k.chance) }}.</p>
+<table id="knowledge"><tr><th>part</th><th>n</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
+{% for name, cell in k.accuracy[models[0]].items() %}<tr><td class="text">{{ name }}</td><td>{{ cell.n }}</td>{% for m in models %}<td>{{ "%.3f"|format(k.accuracy[m][name].accuracy) }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% for c in k.comparisons %}<p>{{ c.b }} vs {{ c.a }}:</p><ul>{% for name, s in c.parts.items() %}<li class="{{ ('good' if s.mean_delta > 0 else 'bad') if s.significant else '' }}">{{ name }}: {{ s.verdict }}</li>{% endfor %}</ul>{% endfor %}{% endif %}
 <h2>Charts</h2>
 <img id="chart-categories" alt="mean overall score per category" src="{{ charts.categories }}">
 <img id="chart-deltas" alt="distribution of deltas" src="{{ charts.deltas }}">

@@ -57,3 +57,22 @@ def paired(a, b, higher_is_better: bool = True, metric: str = "score") -> Paired
     else:
         verdict = f"{metric}: not significant: the paired test gives p={p:.3g} (95% CI {low:+.3f} to {high:+.3f})"
     return PairedStats(float(deltas.mean()), low, high, p, wins, len(deltas) - wins - losses, losses, significant, verdict)
+
+
+def mcnemar(a_correct, b_correct, metric: str = "accuracy") -> dict:
+    """Accuracy of b against a on the same questions: McNemar's exact (binomial) test on the
+    discordant questions, and a bootstrap interval of the accuracy delta."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(a_correct, dtype=float), np.asarray(b_correct, dtype=float)
+    b_only, a_only = int(((b == 1) & (a == 0)).sum()), int(((a == 1) & (b == 0)).sum())
+    p = 1.0 if b_only + a_only == 0 else float(binomtest(b_only, b_only + a_only, 0.5).pvalue)
+    low, high = bootstrap_ci(b - a)
+    delta = float((b - a).mean())
+    significant = (low > 0 or high < 0) and p < 0.05
+    if significant:
+        verdict = f"{metric}: significantly {'better' if delta > 0 else 'worse'} ({delta:+.3f}, 95% CI {low:+.3f} to {high:+.3f}, McNemar p={p:.3g})"
+    else:
+        verdict = f"{metric}: not significant ({delta:+.3f}, 95% CI {low:+.3f} to {high:+.3f}, McNemar p={p:.3g})"
+    return {"mean_delta": round(delta, 6), "ci_low": round(low, 6), "ci_high": round(high, 6), "p_value": p,
+            "b_only": b_only, "a_only": a_only, "n": len(a), "significant": significant, "verdict": verdict}

@@ -1,0 +1,121 @@
+"""The multiple-choice knowledge test: likelihood scoring, accuracy per part, McNemar, bad files."""
+
+import json
+
+import pytest
+import torch
+from conftest import cli
+
+from banklora.config import GenerationSettings
+from banklora.errors import UsageError
+from banklora.evaluation import statistics
+from banklora.evaluation.knowledge import load_choices
+
+QUESTIONS = [
+    {"id": "q1", "category": "信用卡", "language": "zh", "part": "taught", "question": "信用卡逾期会影响征信吗？",
+     "options": ["会，逾期记录会报送征信系统", "不会，征信只记录贷款", "只有逾期一年以上才会", "银行可以随时删除记录"], "answer": 0, "source": "card-x"},
+    {"id": "q2", "category": "反诈骗", "language": "en", "part": "held-out", "question": "A caller asks for my SMS code. What should I do?",
+     "options": ["Read it out quickly", "Never share it and hang up", "Share it if they know my name", "Send it by text instead"], "answer": 1},
+    {"id": "q3", "category": "存款业务", "language": "zh", "part": "held-out", "question": "定期存款提前支取通常怎么计息？",
+     "options": ["按原定期利率", "按活期利率", "不计利息", "按双倍利率"], "answer": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def mcq_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mcq") / "mcq.jsonl"
+    path.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in QUESTIONS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tiny_adapter, mcq_file):
+    from banklora.evaluation.compare import run_compare
+
+    return run_compare([str(tiny_adapter)], questions=["banking"], split="test", limit=2, settings=GenerationSettings(max_new_tokens=2),
+                       knowledge_tests=[str(mcq_file)])
+
+
+def test_each_option_is_scored_by_its_mean_nll_as_the_answer_and_the_lowest_is_chosen(report, tiny_base):
+    """Recomputed with a plain transformers forward pass over the formatter's ids and labels."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from banklora.data.format import encode_conversation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    k = report["knowledge"]
+    assert [q["id"] for q in k["questions"]] == ["q1", "q2", "q3"]
+    for q, source in zip(k["questions"], QUESTIONS):
+        expected = []
+        for option in source["options"]:
+            enc = encode_conversation(tokenizer, [{"role": "user", "content": source["question"]}, {"role": "assistant", "content": option}], last_answer_only=True)
+            ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+            with torch.no_grad():
+                logp = model(ids).logits[0, :-1].log_softmax(-1)
+            target = labels[0, 1:]
+            mask = target != -100
+            expected.append(-logp[mask].gather(1, target[mask, None]).mean().item())
+        got = q["models"]["base"]["option_nll"]
+        assert got == pytest.approx(expected, abs=1e-4)
+        assert q["models"]["base"]["choice"] == min(range(4), key=expected.__getitem__)
+        assert q["models"]["base"]["correct"] == (q["models"]["base"]["choice"] == source["answer"])
+        assert q["models"]["tiny"]["option_nll"] != got  # the adapter answers with its own weights
+
+
+def test_accuracy_per_part_and_language_and_the_report_files(report, tmp_path):
+    from banklora.evaluation.report import write_reports
+
+    k = report["knowledge"]
+    for m in ("base", "tiny"):
+        correct = {q["id"]: q["models"][m]["correct"] for q in k["questions"]}
+        acc = k["accuracy"][m]
+        assert acc["all"]["n"] == 3 and acc["all"]["correct"] == sum(correct.values())
+        assert acc["taught"] == {"correct": int(correct["q1"]), "n": 1, "accuracy": float(correct["q1"])}
+        assert acc["held-out"]["correct"] == correct["q2"] + correct["q3"] and acc["language en"]["n"] == 1
+    (c,) = k["comparisons"]
+    assert (c["a"], c["b"]) == ("base", "tiny") and set(c["parts"]) == set(k["accuracy"]["base"])
+    paths = write_reports(report, tmp_path / "r.json")
+    md = paths["markdown"].read_text()
+    assert "## Knowledge test" in md and f"| held-out | 2 | {k['accuracy']['base']['held-out']['accuracy']:.3f} |" in md
+    assert 'id="knowledge"' in paths["html"].read_text()
+
+
+def test_mcnemar_counts_only_the_questions_the_two_models_disagree_on():
+    same = [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]
+    assert statistics.mcnemar(same, same)["p_value"] == 1.0 and not statistics.mcnemar(same, same)["significant"]
+    s = statistics.mcnemar([0] * 10 + [1] * 30, [1] * 10 + [1] * 30)  # b right on 10 more, agreeing on 30
+    assert (s["b_only"], s["a_only"], s["n"]) == (10, 0, 40) and s["mean_delta"] == pytest.approx(0.25)
+    assert s["p_value"] == pytest.approx(2 * 0.5**10) and s["significant"] and "significantly better" in s["verdict"]
+    mixed = statistics.mcnemar([0] * 3 + [1] * 2 + [1] * 20, [1] * 3 + [0] * 2 + [1] * 20)  # 3 vs 2: no evidence
+    assert mixed["p_value"] == pytest.approx(1.0) and not mixed["significant"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"answer": 4}, "field 'answer'"),
+    ({"options": ["a", "b", "c"]}, "field 'options' must be a list of 4"),
+    ({"options": ["a", "a", "b", "c"]}, "the same option twice"),
+    ({"part": "train"}, "field 'part' must be one of taught, held-out"),
+    ({"question": ""}, "field 'question'"),
+])
+def test_a_bad_question_is_refused_with_its_line_and_field(tmp_path, change, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(QUESTIONS[0], ensure_ascii=False) + "\n" + json.dumps(QUESTIONS[1] | change, ensure_ascii=False) + "\n")
+    with pytest.raises(UsageError, match=f"{path}:2: .*{message}"):
+        load_choices([str(path)])
+
+
+def test_compare_refuses_a_missing_knowledge_file_with_exit_2_and_writes_no_report(tiny_adapter, tmp_path):
+    report = tmp_path / "r.json"
+    result = cli("compare", "--peft-model-path", str(tiny_adapter), "--knowledge", str(tmp_path / "nope.jsonl"), "--report", str(report))
+    assert result.returncode == 2 and "--knowledge" in result.stderr and "nope.jsonl" in result.stderr
+    assert not report.exists()
+
+
+def test_the_builtin_test_loads_and_none_turns_it_off(tiny_adapter, tmp_path):
+    assert len(load_choices(["banking-mcq"])) >= 120
+    report = tmp_path / "r.json"
+    result = cli("compare", "--peft-model-path", str(tiny_adapter), "--limit", "1", "--max-new-tokens", "2", "--knowledge", "none",
+                 "--report", str(report), "--no-answers")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(report.read_text())["knowledge"] is None and "knowledge test" not in result.stdout
