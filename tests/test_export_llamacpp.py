@@ -1,0 +1,109 @@
+"""The exported GGUF files in llama.cpp itself (llama-cpp-python, built from its PyPI source
+package: `pip install 'banklora[llamacpp]'`), on the embedded Gemma 3 270M with a trained adapter."""
+
+import pytest
+
+from banklora.config import GenerationSettings
+from banklora.data.dataset import load_examples
+from banklora.data.format import encode_prompt, user_text
+from banklora.generate import generate_batch
+from banklora.modeling import load
+from banklora.serving import ServingSettings
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's Python binding: pip install 'banklora[llamacpp]'")
+pytestmark = [pytest.mark.e2e, pytest.mark.llamacpp]
+
+TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, embedded_dir):
+    from banklora.config import TrainSettings
+    from banklora.train import train
+
+    out = tmp_path_factory.mktemp("llamacpp") / "lora_banking"
+    train(TrainSettings(data=("banking-seed",), output_dir=str(out), max_steps=4, batch_size=4, lr=2e-3, max_length=256), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(adapter, tmp_path_factory):
+    from conftest import cli
+
+    root = tmp_path_factory.mktemp("llamacpp-exports")
+    out = {}
+    for fmt, kind in (("gguf", "f32"), ("gguf", "q8_0"), ("gguf-lora", "f32")):
+        result = cli("export", "--model-path", str(adapter), "--format", fmt, "--type", kind, "--output", str(root / f"{fmt}-{kind}"))
+        assert result.returncode == 0, result.stderr
+        (out[(fmt, kind)],) = (root / f"{fmt}-{kind}").glob("*.gguf")
+    return out
+
+
+@pytest.fixture(scope="module")
+def questions(adapter):
+    tokenizer = load(str(adapter), serve=ServingSettings(merge=True)).tokenizer
+    return tokenizer, [encode_prompt(tokenizer, q.instruction, q.input) for q in load_examples(["banking-eval"], questions=True)]
+
+
+@pytest.fixture(scope="module")
+def banklora_answers(adapter, questions):
+    """banklora's greedy answers on the merged model, one question at a time (no padding)."""
+    merged = load(str(adapter), serve=ServingSettings(merge=True))
+    return [g.text for g in generate_batch(merged.model, merged.tokenizer, questions[1], GenerationSettings(max_new_tokens=TOKENS), batch_size=1)]
+
+
+def _llama(path, lora=None):
+    return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=1024, n_threads=2, verbose=False)
+
+
+def _answers(llm, questions) -> list[str]:
+    tokenizer, prompts = questions
+    out = []
+    for ids in prompts:
+        llm.reset()
+        tokens = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token) or len(tokens) >= TOKENS:
+                break
+            tokens.append(token)
+        out.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return out
+
+
+def test_end_of_turn_ends_generation_and_the_embedded_template_gives_banklora_prompts(files, questions):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = _llama(files[("gguf", "q8_0")])
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    assert llama_cpp.llama_vocab_is_eog(vocab, 106) and llama_cpp.llama_vocab_is_eog(vocab, 1)  # <end_of_turn>, <eos>
+    template = llm.metadata["tokenizer.chat_template"]
+    tokenizer, prompts = questions
+    for q, ids in zip(load_examples(["banking-eval"], questions=True), prompts):
+        messages = [{"role": "user", "content": user_text(q.instruction, q.input)}]
+        prompt = Jinja2ChatFormatter(template, eos_token="<eos>", bos_token="<bos>")(messages=messages).prompt
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+    # a chat completion through llama.cpp's own template handling: <end_of_turn> is never shown, and
+    # once chosen (forced here with a logit bias, whatever the briefly trained model would say) it
+    # ends the answer
+    messages = [{"role": "user", "content": "信用卡逾期会影响征信吗？"}]
+    reply = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=64)
+    assert reply["choices"][0]["message"]["content"] and "<end_of_turn>" not in reply["choices"][0]["message"]["content"]
+    forced = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=64, logit_bias={106: 100.0})
+    assert forced["choices"][0]["finish_reason"] == "stop" and forced["usage"]["completion_tokens"] <= 1
+
+
+def test_llama_cpp_answers_like_banklora_on_the_merged_files(files, questions, banklora_answers):
+    f32 = _answers(_llama(files[("gguf", "f32")]), questions)
+    assert f32 == banklora_answers  # F32: the same greedy tokens for the first 32
+    q8 = _answers(_llama(files[("gguf", "q8_0")]), questions)
+    agree = sum(a == b for a, b in zip(q8, banklora_answers))
+    print(f"Q8_0: {agree}/{len(q8)} answers equal banklora's for {TOKENS} tokens")
+    assert agree >= len(q8) // 2 and all(q8)
+
+
+def test_the_lora_gguf_on_the_embedded_base_gguf_changes_the_answers(files, questions):
+    from banklora.basemodel import embedded_gguf
+
+    base = _answers(_llama(embedded_gguf()), questions)
+    tuned = _answers(_llama(embedded_gguf(), lora=files[("gguf-lora", "f32")]), questions)
+    assert all(tuned) and sum(a != b for a, b in zip(base, tuned)) >= len(base) // 2  # the adapter is applied
