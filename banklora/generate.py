@@ -1,4 +1,5 @@
-"""Generation shared by chat, compare and doctor: batched, and streaming.
+"""Generation shared by chat, compare and doctor: batched (on the server's continuous-batching
+engine), and streaming.
 
 Both stop at <end_of_turn> or <eos>. Greedy when temperature is 0, so two runs agree.
 """
@@ -22,7 +23,7 @@ class Generation:
     text: str
     new_tokens: int  # generated tokens, the stop token not counted
     finished: bool  # True when the model ended its turn before the token budget
-    seconds: float  # wall time from the start of its batch until this answer ended
+    seconds: float  # wall time from the start of its prefill until this answer ended
     first_token_seconds: float
 
     @property
@@ -43,55 +44,41 @@ def _generation_config(tokenizer, settings: GenerationSettings) -> GenerationCon
     )
 
 
-class _StepClock(StoppingCriteria):
-    """Records the time of every decoding step; never stops anything itself."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list[list[int]], settings: GenerationSettings, batch_size: int = 8) -> list[Generation]:
-    """Answer each prompt (token ids from the formatter); left-padded batches of `batch_size`."""
-    config = _generation_config(tokenizer, settings)
-    stops = set(config.eos_token_id)
-    device = next(model.parameters()).device
-    results: list[Generation] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        clock = _StepClock()
-        start = time.perf_counter()
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            generation_config=config,
-            stopping_criteria=StoppingCriteriaList([clock]),
-        )
-        for row in range(len(chunk)):
-            new = out[row, width:].tolist()
-            end = next((k for k, t in enumerate(new) if t in stops), None)
-            finished = end is not None
-            n = end if finished else len(new)
-            done_at = clock.times[min(n if finished else n - 1, len(clock.times) - 1)]
-            results.append(
-                Generation(
-                    text=tokenizer.decode(new[:n], skip_special_tokens=True).strip(),
-                    new_tokens=n,
-                    finished=finished,
-                    seconds=done_at - start,
-                    first_token_seconds=clock.times[0] - start,
-                )
-            )
+    """Answer each prompt (token ids from the formatter), up to `batch_size` at a time, on the
+    continuous-batching engine the server runs: an answer that ends leaves the batch at once and
+    the next prompt takes its row, so no row decodes padding behind a finished answer."""
+    from banklora.serve.engine import Engine, Event, Request, SamplingParams
+
+    engine = Engine(model, tokenizer, peft=False, max_batch_size=batch_size, max_queue=max(1, len(prompts)))
+    texts: list[list[str]] = [[] for _ in prompts]
+    ends: list[tuple[float, Event] | None] = [None] * len(prompts)
+
+    def sink(i: int):
+        def take(event: Event) -> None:
+            texts[i].append(event.text)
+            if event.finish_reason or event.error:
+                ends[i] = (time.perf_counter(), event)
+        return take
+
+    requests = []
+    for i, prompt in enumerate(prompts):
+        # sampling draws each answer's seed from torch's generator, so torch.manual_seed repeats a run
+        seed = int(torch.randint(0, 2**62, ())) if settings.temperature > 0 else None
+        params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=seed)
+        requests.append(Request(prompt=list(prompt), adapter=None, params=params, sink=sink(i)))
+        engine.submit(requests[-1])
+    engine.run_until_done()
+    results = []
+    for request, pieces, end in zip(requests, texts, ends):
+        done_at, last = end
+        if last.error:
+            raise RuntimeError(last.error)
+        results.append(Generation(
+            text="".join(pieces).strip(), new_tokens=last.completion_tokens, finished=last.finish_reason == "stop",
+            seconds=done_at - request.admitted, first_token_seconds=request.first_token - request.admitted,
+        ))
     return results
 
 

@@ -234,6 +234,34 @@ def test_batched_greedy_answers_equal_single_answers(tiny_adapter):
     assert [g.new_tokens for g in batched] == [g.new_tokens for g in single]
 
 
+def test_the_continuous_engine_answers_as_transformers_generate_did(tiny_adapter):
+    """compare's answers moved from fixed batches of model.generate onto the continuous-batching
+    engine: greedy answers token for token the same, prompts joining as rows free up."""
+    import torch
+
+    from banklora.config import GenerationSettings
+    from banklora.data.dataset import load_examples
+    from banklora.data.format import stop_token_ids
+    from banklora.evaluation.compare import prompt_ids
+    from banklora.generate import generate_batch
+    from banklora.modeling import load
+
+    loaded = load(str(tiny_adapter))
+    tok = loaded.tokenizer
+    prompts = [prompt_ids(tok, e) for e in load_examples(["banking"], split="test")[:7]]
+    settings = GenerationSettings(max_new_tokens=12)
+    engine = generate_batch(loaded.model, tok, prompts, settings, batch_size=3)  # 7 prompts through 3 rows
+    stops = stop_token_ids(tok)
+    for prompt, got in zip(prompts, engine):
+        with torch.no_grad():
+            out = loaded.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                                        max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=0)
+        new = out[0, len(prompt):].tolist()
+        n = next((k for k, t in enumerate(new) if t in stops), len(new))
+        assert got.text == tok.decode(new[:n], skip_special_tokens=True).strip() and got.new_tokens == n
+        assert got.finished == (n < len(new)) and 0 < got.first_token_seconds <= got.seconds
+
+
 def test_multi_turn_questions_are_answered_and_scored_on_the_same_conversation(tiny_adapter, tmp_path):
     from banklora.config import GenerationSettings
     from banklora.data.batching import collate

@@ -71,6 +71,8 @@ class Request:
     sink: Callable[[Event], None]  # called from the worker thread
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None  # perf_counter when its prefill began
+    first_token: float | None = None  # ... and when its first token was chosen
 
     def cancel(self) -> None:
         """Stop this request at the next step; its slot is freed, nothing more is sent."""
@@ -142,28 +144,46 @@ class Engine:
                         self._wake.wait()
                     if self._stopping:
                         return
-                    admitted = []
-                    while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
-                        request = self._waiting.popleft()
-                        if not request.cancelled.is_set():
-                            admitted.append(request)
-                started, kind, rows = time.perf_counter(), "prefill" if admitted else "decode", len(admitted) or len(self._rows)
-                try:
-                    if admitted:
-                        self._prefill(admitted)
-                    elif self._rows:
-                        self._decode()
-                except Exception as exc:  # the batch is lost, the server is not
-                    log.exception("generation failed")
-                    for row in self._rows:
-                        row.request.sink(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
-                    for request in admitted:
-                        if all(row.request is not request for row in self._rows):
-                            request.sink(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
-                    self._rows, self._cache, self._mask = [], None, None
-                self._retire()
-                if self.on_step is not None:
-                    self.on_step(StepInfo(kind, rows, time.perf_counter() - started, len(self._waiting), len(self._rows)))
+                    admitted = self._admit()
+                self._step(admitted)
+
+    def run_until_done(self) -> None:
+        """Without the worker thread: step in the calling thread until every submitted request
+        has ended (a batch job such as compare; `start` is not called)."""
+        with torch.inference_mode():
+            while self._waiting or self._rows:
+                with self._wake:
+                    admitted = self._admit()
+                self._step(admitted)
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests that fit in the batch now (called holding the lock)."""
+        admitted = []
+        while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
+            request = self._waiting.popleft()
+            if not request.cancelled.is_set():
+                admitted.append(request)
+        return admitted
+
+    def _step(self, admitted: list[Request]) -> None:
+        """One step: prefill the admitted requests and join them, or decode one token per row."""
+        started, kind, rows = time.perf_counter(), "prefill" if admitted else "decode", len(admitted) or len(self._rows)
+        try:
+            if admitted:
+                self._prefill(admitted)
+            elif self._rows:
+                self._decode()
+        except Exception as exc:  # the batch is lost, the server is not
+            log.exception("generation failed")
+            for row in self._rows:
+                row.request.sink(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+            for request in admitted:
+                if all(row.request is not request for row in self._rows):
+                    request.sink(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+            self._rows, self._cache, self._mask = [], None, None
+        self._retire()
+        if self.on_step is not None:
+            self.on_step(StepInfo(kind, rows, time.perf_counter() - started, len(self._waiting), len(self._rows)))
 
     def _forward(self, ids, mask, positions, cache, adapters: list[str | None]):
         kwargs = {}
@@ -177,6 +197,9 @@ class Engine:
         return out.logits[:, -1, :].float()
 
     def _prefill(self, requests: list[Request]) -> None:
+        now = time.perf_counter()
+        for r in requests:
+            r.admitted = now
         width = max(len(r.prompt) for r in requests)
         ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -233,6 +256,8 @@ class Engine:
             row.done = True
             return
         token = _sample(logits, row.request.params, row.generator)
+        if row.request.first_token is None:
+            row.request.first_token = time.perf_counter()
         params = row.request.params
         finish = None
         if token in self.stop_ids:
