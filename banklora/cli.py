@@ -343,7 +343,7 @@ def compare(
     default = ["banking"] if split else ["banking-eval"]
     tests = [] if knowledge == ["none"] else (knowledge or ["banking-mcq"])
     result = run_compare(adapters, questions=questions or default, split=split, settings=settings, batch_size=batch_size,
-                         limit=limit, base_model=base_model, rules_file=compliance_rules, knowledge_tests=tests)
+                         limit=limit, base_model=base_model, rules_file=compliance_rules, knowledge_tests=tests, show_progress=True)
     paths = write_reports(result, report or default_report_path(adapters[-1]))
     for name, info in result["adapters"].items():
         record_evaluation(Path(info["path"]), result, name)  # the model card carries the latest comparison

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -45,10 +45,12 @@ def _generation_config(tokenizer, settings: GenerationSettings) -> GenerationCon
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, prompts: list[list[int]], settings: GenerationSettings, batch_size: int = 8) -> list[Generation]:
+def generate_batch(model, tokenizer, prompts: list[list[int]], settings: GenerationSettings, batch_size: int = 8,
+                   on_answer: Callable[[int], None] | None = None) -> list[Generation]:
     """Answer each prompt (token ids from the formatter), up to `batch_size` at a time, on the
     continuous-batching engine the server runs: an answer that ends leaves the batch at once and
-    the next prompt takes its row, so no row decodes padding behind a finished answer."""
+    the next prompt takes its row, so no row decodes padding behind a finished answer.
+    on_answer(n) is called as the n-th answer ends (progress)."""
     from banklora.serve.engine import Engine, Event, Request, SamplingParams
 
     engine = Engine(model, tokenizer, peft=False, max_batch_size=batch_size, max_queue=max(1, len(prompts)))
@@ -60,6 +62,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], settings: Generat
             texts[i].append(event.text)
             if event.finish_reason or event.error:
                 ends[i] = (time.perf_counter(), event)
+                if on_answer is not None:
+                    on_answer(sum(e is not None for e in ends))
         return take
 
     requests = []

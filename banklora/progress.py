@@ -24,16 +24,16 @@ LINE_EVERY_S = 30  # without a terminal: one progress line at most this often
 class Progress:
     """A rich progress bar on a terminal; elsewhere a log line every LINE_EVERY_S seconds."""
 
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.total, self.enabled, self.last_line = total, enabled, 0.0
+    def __init__(self, total: int, done: int, enabled: bool, label: str = "train") -> None:
+        self.total, self.enabled, self.last_line, self.label = total, enabled, 0.0, label
         self.bar = None
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
-            self.bar = Bar(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            self.bar = Bar(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-            self.task = self.bar.add_task("train", total=total, completed=done, stats="")
+            self.task = self.bar.add_task(label, total=total, completed=done, stats="")
 
     def __enter__(self):
         if self.bar is not None:
@@ -49,7 +49,7 @@ class Progress:
             self.bar.update(self.task, completed=step, stats=stats)
         elif self.enabled and (time.monotonic() - self.last_line >= LINE_EVERY_S or step == self.total):
             self.last_line = time.monotonic()
-            log.info("train %d/%d  %s", step, self.total, stats)
+            log.info("%s %d/%d  %s", self.label, step, self.total, stats)
 
     def print(self, text: str) -> None:
         if self.bar is not None:

@@ -285,3 +285,19 @@ def test_multi_turn_questions_are_answered_and_scored_on_the_same_conversation(t
     with torch.no_grad():
         expected = answer_loss(loaded.model, collate([scored], pad_id=0)).item()
     assert q["answers"]["tiny"]["ref_nll"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_compare_without_a_terminal_reports_progress_as_log_lines(tiny_adapter, caplog):
+    """CI logs have no live bar: each model's answers and scoring show as lines."""
+    import logging
+
+    from banklora.config import GenerationSettings
+    from banklora.evaluation.compare import run_compare
+
+    with caplog.at_level(logging.INFO, logger="banklora"):
+        run_compare([str(tiny_adapter)], questions=["banking"], split="test", limit=3, settings=GenerationSettings(max_new_tokens=2),
+                    knowledge_tests=["banking-mcq"], show_progress=True)
+    lines = [r.getMessage() for r in caplog.records]
+    for name in ("base", "tiny"):
+        assert f"compare {name} 3/3  answers" in lines
+        assert f"compare {name}: the reference answers' likelihood (3) and the knowledge test (120 questions)" in lines

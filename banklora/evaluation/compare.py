@@ -15,6 +15,7 @@ ROUGE without a reference) is None there and left out of its means and statistic
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -31,6 +32,9 @@ from banklora.evaluation import compliance, knowledge, metrics, statistics
 from banklora.generate import Generation, generate_batch
 from banklora.loss import answer_loss
 from banklora.modeling import Loaded, is_adapter_dir, load
+from banklora.progress import Progress
+
+log = logging.getLogger(__name__)
 
 # (metric, higher is better): the quality metrics that get paired statistics
 QUALITY = (("overall", True), ("keyword_match", True), ("completeness", True), ("rouge_l", True), ("bleu4", True), ("ref_nll", False))
@@ -153,6 +157,7 @@ def run_compare(
     rules_file: Path | None = None,
     loaded: Loaded | None = None,
     knowledge_tests: list[str] = (),
+    show_progress: bool = False,
 ) -> dict:
     """Answer every question with the base model and each adapter, and score the multiple-choice
     knowledge tests (built-in names or files) by likelihood; return the report."""
@@ -181,7 +186,11 @@ def run_compare(
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             if name != "base":
                 model.set_adapter(name)
-            gens[name] = generate_batch(model, tok, prompts, settings, batch_size)
+            with Progress(len(prompts), 0, show_progress, label=f"compare {name}") as bar:
+                gens[name] = generate_batch(model, tok, prompts, settings, batch_size, on_answer=lambda n, bar=bar: bar.update(n, "answers"))
+            if show_progress:
+                log.info("compare %s: the reference answers' likelihood (%d)%s", name, len(examples),
+                         f" and the knowledge test ({len(choices)} questions)" if choices else "")
             nlls[name] = reference_nll(model, tok, examples, batch_size)
             option_nll[name] = reference_nll(model, tok, options, batch_size)
     model.set_adapter(loaded.adapter_names[0])
