@@ -85,6 +85,8 @@ class TrainSettings:
     """AdamW weight decay on the LoRA weights."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm."""
+    neftune_alpha: float = 0.0
+    """NEFTune: uniform noise of scale alpha / sqrt(tokens x hidden) on the input embeddings while training (5 in the paper); 0 = off."""
     seed: int = 42
     """Random seed: data order, LoRA initialisation, dropout."""
     dtype: str = "auto"
@@ -136,6 +138,8 @@ class TrainSettings:
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--lr", self.lr)):
             if value <= 0:
                 raise UsageError(f"{flag} must be positive (got {value})")
+        if self.neftune_alpha < 0:
+            raise UsageError(f"--neftune-alpha must be 0 (off) or positive, e.g. 5 (got {self.neftune_alpha})")
         if self.max_length < 16:
             raise UsageError(f"--max-length must be at least 16 tokens (got {self.max_length})")
         if self.max_steps is not None and self.max_steps < 1:

@@ -157,8 +157,25 @@ def _setup_model(run: _Run) -> None:
     # a name other machines can resolve (the hub id the base came from); the local path and sha256 are in the metadata
     run.peft_model.peft_config["default"].base_model_name_or_path = run.loaded.base.hub_id
     kernels.install(run.peft_model)  # same math, less kept for backward (banklora/kernels.py)
+    if s.neftune_alpha:
+        run.peft_model.get_input_embeddings().register_forward_hook(neftune_hook(s.neftune_alpha))
     run.peft_model.train()
     torch.manual_seed(s.seed + acc.process_index)  # dropout differs per process
+
+
+def neftune_hook(alpha: float):
+    """NEFTune (Jain et al. 2023, as TRL and transformers apply it): while training, add uniform
+    noise in +-alpha / sqrt(L x d) to the embedding output (B, L, d); validation and inference
+    (module.eval()) see the clean embeddings. Gemma scales its embeddings inside the module, so the
+    noise lands on what the decoder reads."""
+
+    def hook(module, args, output):
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[1] * output.shape[2])
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    return hook
 
 
 def _setup_optimizer(run: _Run) -> None:

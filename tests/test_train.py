@@ -1,6 +1,7 @@
 """Training on a tiny random Gemma3: the loss falls, weights change, the adapter is plain PEFT."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -250,3 +251,35 @@ def test_chunked_answer_loss_gives_the_full_computations_loss_and_gradients(tiny
     assert full.keys() == ours.keys() and len(full) > 0
     for name in full:
         assert torch.allclose(ours[name], full[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_neftune_noise_is_bounded_on_while_training_and_off_in_eval(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from banklora.train import neftune_hook
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    embed = model.get_input_embeddings()
+    ids = torch.randint(0, 1000, (2, 10))
+    clean = embed(ids)
+    embed.register_forward_hook(neftune_hook(5.0))
+    embed.train()
+    noisy = embed(ids)
+    bound = 5.0 / math.sqrt(10 * clean.shape[-1])
+    assert 0.5 * bound < (noisy - clean).abs().max() <= bound + 1e-6
+    embed.eval()
+    assert torch.equal(embed(ids), clean)
+
+
+def test_training_with_neftune_records_it_and_changes_the_run(tiny_base, small_data, tmp_path):
+    def run(alpha, name):
+        settings = TrainSettings(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(tmp_path / name), max_steps=2,
+                                 batch_size=2, lr=1e-3, neftune_alpha=alpha)
+        return train(settings, show_progress=False)
+
+    plain, noisy = run(0.0, "plain"), run(5.0, "noisy")
+    assert plain.losses != noisy.losses  # the same seed and batches: only the noise differs
+    meta = json.loads((tmp_path / "noisy" / "banklora_meta.json").read_text())
+    assert meta["training"]["neftune_alpha"] == 5.0
+    with pytest.raises(UsageError, match="--neftune-alpha"):
+        TrainSettings(neftune_alpha=-1)
