@@ -165,6 +165,9 @@ def load(
     if quantize != "4bit":
         model = model.to(dev)
     names = list(names) if names else adapter_names([str(p) for p in adapters])
+    for name in names:
+        if not name or "." in name:
+            raise UsageError(f"adapter name {name!r}: use letters, digits, '-' or '_' (no '.': PEFT names its modules after adapters)")
     if adapters:
         from peft import PeftModel
 
@@ -209,10 +212,11 @@ def _check_qlora(device: torch.device) -> None:
 
 
 def adapter_names(paths: list[str]) -> list[str]:
-    """Short unique names for adapters: their directory names, numbered when they repeat."""
+    """Short unique names for adapters: their directory names ("." as "_": PEFT names modules
+    after its adapters), numbered when they repeat."""
     names: list[str] = []
     for p in paths:
-        name = Path(p).resolve().name or "adapter"
+        name = (Path(p).resolve().name or "adapter").replace(".", "_")
         candidate, i = name, 2
         while candidate in names or candidate == "base":
             candidate, i = f"{name}-{i}", i + 1

@@ -301,3 +301,20 @@ def test_a_compare_without_a_terminal_reports_progress_as_log_lines(tiny_adapter
     for name in ("base", "tiny"):
         assert f"compare {name} 3/3  answers" in lines
         assert f"compare {name}: the reference answers' likelihood (3) and the knowledge test (120 questions)" in lines
+
+
+def test_adapter_directories_with_dots_compare_under_names_without_them(tiny_adapter, tmp_path):
+    """A sweep names its adapters r8-a32-lr0.001: PEFT refuses '.' in adapter names (module names)."""
+    import shutil
+
+    from banklora.config import GenerationSettings
+    from banklora.errors import UsageError
+    from banklora.evaluation.compare import run_compare
+    from banklora.modeling import load
+
+    dotted = tmp_path / "r8-a32-lr0.001"
+    shutil.copytree(tiny_adapter, dotted)
+    report = run_compare([str(dotted), str(tiny_adapter)], questions=["banking-eval"], limit=1, settings=GenerationSettings(max_new_tokens=1))
+    assert report["models"] == ["base", "r8-a32-lr0_001", "tiny"] and report["adapters"]["r8-a32-lr0_001"]["path"] == str(dotted)
+    with pytest.raises(UsageError, match="adapter name 'banking.v2'"):
+        load(str(tiny_adapter), names=("banking.v2",))
