@@ -69,11 +69,11 @@ class TrainSettings:
     """Data source, repeatable: a built-in set (banking, banking-seed), a name from banklora_datasets.yaml, or a JSON/JSONL/CSV/TSV file."""
     output_dir: str = "outputs/lora_banking"
     """Where the adapter goes."""
-    epochs: float = 3
-    """Passes over the training split."""
+    epochs: float = 1.0
+    """Passes over the training split (1 with lr 1e-3: the measured recipe, README "Training recipe"; the seed's was 3 at 2e-4)."""
     batch_size: int = 4
     """Examples per optimizer step (per process)."""
-    lr: float = 2e-4
+    lr: float = 1e-3
     """Peak learning rate."""
     max_length: int = 512
     """Examples longer than this (in Gemma tokens) are dropped and counted, never truncated."""

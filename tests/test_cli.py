@@ -234,10 +234,11 @@ def test_quickstart_runs_data_train_compare_on_a_given_base(tiny_base, tmp_path)
                   f"banklora serve --model-path {out}"):
         assert stage in result.stdout, stage
     meta = json.loads((out / "banklora_meta.json").read_text())
-    assert meta["training"]["data"] == ["banking-seed"] and meta["training"]["epochs"] == 5.0 and meta["training"]["lr"] == 1e-3
+    assert meta["training"]["data"] == ["banking"] and meta["training"]["epochs"] == 1.0 and meta["training"]["lr"] == 1e-3
     assert meta["base_model"]["path"] == str(tiny_base) and meta["training"]["steps_done"] == 2
     report = json.loads((tmp_path / "reports" / "quick_compare.json").read_text())
     assert report["models"] == ["base", "quick"] and len(report["questions"]) == 8
+    assert report["knowledge"]["accuracy"]["quick"]["all"]["n"] == 120 and "knowledge test (banking-mcq)" in result.stdout
     assert meta["evaluation"]["questions"] == 8  # the model card now carries the comparison
     assert "### banklora compare (8 questions from banking-eval" in (out / "README.md").read_text()
 
