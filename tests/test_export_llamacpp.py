@@ -1,6 +1,8 @@
 """The exported GGUF files in llama.cpp itself (llama-cpp-python, built from its PyPI source
 package: `pip install 'banklora[llamacpp]'`), on the embedded Gemma 3 270M with a trained adapter."""
 
+from unittest import mock
+
 import pytest
 
 from banklora.config import GenerationSettings
@@ -53,7 +55,19 @@ def banklora_answers(adapter, questions):
 
 
 def _llama(path, lora=None):
-    return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=1024, n_threads=2, verbose=False)
+    """llama.cpp with its weight-repacking buffers off (llama-server's --no-repack): on CPUs with
+    AMX, llama.cpp's repacked kernels (llama-cpp-python 0.3.36) crash on Gemma 3 270M's quantized
+    files, ours and the embedded Q4_K_M alike, with a segmentation fault on the first decode.
+    llama-cpp-python has no argument for it, so its default model parameters are patched for the load."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", no_repack):
+        return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=1024, n_threads=2, verbose=False)
 
 
 def _answers(llm, questions) -> list[str]:
