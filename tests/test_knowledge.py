@@ -78,7 +78,10 @@ def test_accuracy_per_part_and_language_and_the_report_files(report, tmp_path):
     paths = write_reports(report, tmp_path / "r.json")
     md = paths["markdown"].read_text()
     assert "## Knowledge test" in md and f"| held-out | 2 | {k['accuracy']['base']['held-out']['accuracy']:.3f} |" in md
-    assert 'id="knowledge"' in paths["html"].read_text()
+    for name, s in c["parts"].items():  # each part's finding once, named once
+        assert s["verdict"].startswith(f"{name}: ") and md.count(f"- {s['verdict']}\n") == 1 and f"{name}: {name}:" not in md
+    html = paths["html"].read_text()
+    assert 'id="knowledge"' in html and all(f"{name}: {name}:" not in html for name in c["parts"])
 
 
 def test_mcnemar_counts_only_the_questions_the_two_models_disagree_on():

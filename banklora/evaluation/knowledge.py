@@ -145,5 +145,5 @@ def knowledge_markdown(report: dict) -> list[str]:
     for name, cell in k["accuracy"][models[0]].items():
         lines.append(f"| {name} | {cell['n']} | " + " | ".join(f"{k['accuracy'][m][name]['accuracy']:.3f}" for m in models) + " |")
     for c in k["comparisons"]:
-        lines += ["", f"{c['b']} vs {c['a']}:", ""] + [f"- {name}: {s['verdict']}" for name, s in c["parts"].items()]
+        lines += ["", f"{c['b']} vs {c['a']}:", ""] + [f"- {s['verdict']}" for s in c["parts"].values()]  # a verdict names its part
     return lines

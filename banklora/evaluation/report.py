@@ -132,7 +132,7 @@ greedy, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.
 <p>Accuracy; each option scored by its likelihood as the answer, chance {{ "%.2f"|format(k.chance) }}.</p>
 <table id="knowledge"><tr><th>part</th><th>n</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
 {% for name, cell in k.accuracy[models[0]].items() %}<tr><td class="text">{{ name }}</td><td>{{ cell.n }}</td>{% for m in models %}<td>{{ "%.3f"|format(k.accuracy[m][name].accuracy) }}</td>{% endfor %}</tr>{% endfor %}</table>
-{% for c in k.comparisons %}<p>{{ c.b }} vs {{ c.a }}:</p><ul>{% for name, s in c.parts.items() %}<li class="{{ ('good' if s.mean_delta > 0 else 'bad') if s.significant else '' }}">{{ name }}: {{ s.verdict }}</li>{% endfor %}</ul>{% endfor %}{% endif %}
+{% for c in k.comparisons %}<p>{{ c.b }} vs {{ c.a }}:</p><ul>{% for s in c.parts.values() %}<li class="{{ ('good' if s.mean_delta > 0 else 'bad') if s.significant else '' }}">{{ s.verdict }}</li>{% endfor %}</ul>{% endfor %}{% endif %}
 <h2>Charts</h2>
 <img id="chart-categories" alt="mean overall score per category" src="{{ charts.categories }}">
 <img id="chart-deltas" alt="distribution of deltas" src="{{ charts.deltas }}">
