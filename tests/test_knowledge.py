@@ -122,3 +122,17 @@ def test_the_builtin_test_loads_and_none_turns_it_off(tiny_adapter, tmp_path):
                  "--report", str(report), "--no-answers")
     assert result.returncode == 0, result.stderr
     assert json.loads(report.read_text())["knowledge"] is None and "knowledge test" not in result.stdout
+
+
+def test_a_compares_numbers_do_not_depend_on_its_batch_size(report, tiny_adapter, mcq_file):
+    """--batch-size sets how many answers are generated at once; teacher-forced scoring (reference
+    NLL, the options' NLL) always runs in the same batches, so the numbers are the same to the bit."""
+    from banklora.evaluation.compare import run_compare
+
+    one = run_compare([str(tiny_adapter)], questions=["banking"], split="test", limit=2, settings=GenerationSettings(max_new_tokens=2),
+                      knowledge_tests=[str(mcq_file)], batch_size=1)
+    assert report["generation"]["batch_size"] == 32 and one["generation"]["batch_size"] == 1
+    for q32, q1 in zip(report["questions"], one["questions"]):
+        for m in report["models"]:
+            assert q32["answers"][m]["answer"] == q1["answers"][m]["answer"] and q32["answers"][m]["ref_nll"] == q1["answers"][m]["ref_nll"]
+    assert [q["models"] for q in report["knowledge"]["questions"]] == [q["models"] for q in one["knowledge"]["questions"]]

@@ -74,6 +74,12 @@ def perplexity(nll: float) -> float:
     return math.exp(min(nll, 700.0))
 
 
+# Teacher-forced scoring (reference NLL, the knowledge test's options) runs in batches of this many
+# whatever --batch-size is: a forward pass over whole answers is already large, and fixed batches
+# keep the float rounding, so the numbers do not depend on how many answers were generated at once.
+SCORING_BATCH = 8
+
+
 def prompt_ids(tokenizer, example: Example) -> list[int]:
     """What the model answers from: the example's whole question conversation."""
     return encode_conversation(tokenizer, example.question(), add_generation_prompt=True).input_ids
@@ -151,7 +157,7 @@ def run_compare(
     questions: list[str] = ("banking-eval",),
     split: str | None = None,
     settings: GenerationSettings | None = None,
-    batch_size: int = 8,
+    batch_size: int = 32,
     limit: int | None = None,
     base_model: str | None = None,
     rules_file: Path | None = None,
@@ -191,8 +197,8 @@ def run_compare(
             if show_progress:
                 log.info("compare %s: the reference answers' likelihood (%d)%s", name, len(examples),
                          f" and the knowledge test ({len(choices)} questions)" if choices else "")
-            nlls[name] = reference_nll(model, tok, examples, batch_size)
-            option_nll[name] = reference_nll(model, tok, options, batch_size)
+            nlls[name] = reference_nll(model, tok, examples, SCORING_BATCH)
+            option_nll[name] = reference_nll(model, tok, options, SCORING_BATCH)
     model.set_adapter(loaded.adapter_names[0])
     rows = []
     for i, e in enumerate(examples):

@@ -1,0 +1,102 @@
+"""Compare's wall time: fixed batches of `model.generate` (before) against the continuous-batching
+engine (now), the same compare otherwise, in one run.
+
+    .venv/bin/python bench/compare_speed.py --adapter outputs/lora_banking
+    .venv/bin/python bench/compare_speed.py --adapter outputs/lora_banking --limit 32 --batch-sizes 8,16,32
+
+The 72-question test split of the built-in set (or its first --limit questions), base and
+adapter, greedy, 160 new tokens, batch 8, the knowledge test included. "before" runs the same
+run_compare with its generation swapped for the path compare used until now: left-padded batches
+of 8 through transformers' `generate`, where every row decodes until the slowest answer of its
+batch ends. "now" runs it as compare does today, at each of --batch-sizes. Printed: wall time of each whole
+compare, the ratio to before, and on how many answers each agrees with before (all must: greedy
+decoding on the same weights), and how many answers ended before the token budget (continuous
+batching gains only where answers end at different lengths). --report keeps the first engine
+run's compare report (the adapter's figures on the test split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+
+def fixed_batches(model, tokenizer, prompts, settings, batch_size=8, on_answer=None):
+    """compare's generation before the engine: left-padded batches through `generate`."""
+    from transformers import GenerationConfig
+
+    from banklora.data.format import stop_token_ids
+    from banklora.generate import Generation
+
+    stops = stop_token_ids(tokenizer)
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=0, top_k=None)
+    out_all = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        seconds = time.perf_counter() - start
+        for row in range(len(chunk)):
+            new = out[row, width:].tolist()
+            n = next((k for k, t in enumerate(new) if t in stops), len(new))
+            out_all.append(Generation(tokenizer.decode(new[:n], skip_special_tokens=True).strip(), n, n < len(new), seconds, 0.0))
+            if on_answer is not None:
+                on_answer(len(out_all))
+    return out_all
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--batch-sizes", default="8,16", help="the engine's batch sizes to time")
+    parser.add_argument("--report", type=Path, help="write the first engine run's compare report here (JSON, with .md and .html beside)")
+    args = parser.parse_args()
+
+    from banklora.config import GenerationSettings
+    from banklora.evaluation import compare
+    from banklora.modeling import load
+
+    loaded = load(args.adapter)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    kwargs = dict(questions=["banking"], split="test", settings=settings, batch_size=8, limit=args.limit, loaded=loaded, knowledge_tests=["banking-mcq"])
+    compare.run_compare(args.adapter, questions=["banking-eval"], settings=GenerationSettings(max_new_tokens=4), limit=1, loaded=loaded)  # warm-up
+
+    start = time.perf_counter()
+    with mock.patch.object(compare, "generate_batch", fixed_batches):
+        before = compare.run_compare(args.adapter, **kwargs)
+    before_s = time.perf_counter() - start
+    runs = {}
+    for size in [int(x) for x in args.batch_sizes.split(",")]:
+        start = time.perf_counter()
+        runs[size] = (compare.run_compare(args.adapter, **(kwargs | {"batch_size": size})), time.perf_counter() - start)
+
+    if args.report:
+        from banklora.evaluation.report import write_reports
+
+        print("report:", write_reports(next(iter(runs.values()))[0], args.report)["markdown"])
+    models = before["models"]
+    answers = [q["answers"][m] for q in before["questions"] for m in models]
+    print(f"{len(before['questions'])} questions x {len(models)} models, greedy, {args.max_new_tokens} new tokens, knowledge test included; "
+          f"{os.cpu_count()} cores; {sum(a['tokens'] for a in answers)} answer tokens, {sum(a['finished'] for a in answers)} answers ended before the budget")
+    print(f"{'':44}{'wall s':>9}{'x before':>10}{'answers equal':>15}")
+    print(f"{'before: fixed batches of 8 through generate':44}{before_s:>9.1f}{1.0:>10.2f}{'-':>15}")
+    for size, (report, seconds) in runs.items():
+        same = sum(q0["answers"][m]["answer"] == q1["answers"][m]["answer"] for q0, q1 in zip(before["questions"], report["questions"]) for m in models)
+        print(f"{f'now: continuous batching, batch {size}':44}{seconds:>9.1f}{before_s / seconds:>10.2f}{f'{same}/{len(answers)}':>15}")
+
+
+if __name__ == "__main__":
+    main()
