@@ -2,13 +2,13 @@
 engine (now), the same compare otherwise, in one run.
 
     .venv/bin/python bench/compare_speed.py --adapter outputs/lora_banking
-    .venv/bin/python bench/compare_speed.py --adapter outputs/lora_banking --limit 32 --batch-sizes 8,16,32
+    .venv/bin/python bench/compare_speed.py --adapter outputs/lora_banking --limit 32 --batch-sizes 8,16,32,64
 
 The 72-question test split of the built-in set (or its first --limit questions), base and
-adapter, greedy, 160 new tokens, batch 8, the knowledge test included. "before" runs the same
+adapter, greedy, 160 new tokens, the knowledge test included. "before" runs the same
 run_compare with its generation swapped for the path compare used until now: left-padded batches
 of 8 through transformers' `generate`, where every row decodes until the slowest answer of its
-batch ends. "now" runs it as compare does today, at each of --batch-sizes. Printed: wall time of each whole
+batch ends. "now" runs it as compare does today, at each of --batch-sizes (default 32, compare's). Printed: wall time of each whole
 compare, the ratio to before, and on how many answers each agrees with before (all must: greedy
 decoding on the same weights), and how many answers ended before the token budget (continuous
 batching gains only where answers end at different lengths). --report keeps the first engine
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--limit", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--batch-sizes", default="8,16", help="the engine's batch sizes to time")
+    parser.add_argument("--batch-sizes", default="32", help="the engine's batch sizes to time, comma-separated")
     parser.add_argument("--report", type=Path, help="write the first engine run's compare report here (JSON, with .md and .html beside)")
     args = parser.parse_args()
 
