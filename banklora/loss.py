@@ -78,17 +78,22 @@ def token_losses(model, batch: dict[str, torch.Tensor], head_chunk: int | None =
     the model's own loss and gradients within float rounding (tested).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = causal_lm.model, causal_lm.lm_head
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
-    rows, wanted = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
+    return head_losses(causal_lm, hidden[:, :-1][keep], targets[keep], head_chunk), keep
+
+
+def head_losses(causal_lm, rows: torch.Tensor, wanted: torch.Tensor, head_chunk: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy of the LM head (softcapped where the model caps its logits) at the
+    final hidden states `rows` (N, H) against the tokens `wanted` (N,): (N,) losses."""
+    head = causal_lm.lm_head
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if type(head) is not torch.nn.Linear or head.weight.requires_grad or head.bias is not None:  # int8, trained or biased head
         logits = head(rows).float()
         logits = torch.tanh(logits / cap) * cap if cap else logits
-        return F.cross_entropy(logits, wanted, reduction="none"), keep
-    return _ChunkedHeadLoss.apply(rows, head.weight, wanted, cap, head_chunk or HEAD_CHUNK), keep
+        return F.cross_entropy(logits, wanted, reduction="none")
+    return _ChunkedHeadLoss.apply(rows, head.weight, wanted, cap, head_chunk or HEAD_CHUNK)
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False) -> torch.Tensor:

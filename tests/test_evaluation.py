@@ -1,5 +1,6 @@
 """Compare: its statistics, summaries, gates and reports, and what the models are measured on."""
 
+import contextlib
 import json
 import math
 
@@ -285,6 +286,38 @@ def test_multi_turn_questions_are_answered_and_scored_on_the_same_conversation(t
     with torch.no_grad():
         expected = answer_loss(loaded.model, collate([scored], pad_id=0)).item()
     assert q["answers"]["tiny"]["ref_nll"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_reference_nll_equals_one_plain_forward_pass_per_answer(tiny_adapter):
+    """Scoring runs each prompt once (left-padded among prompts of other lengths) and its answers
+    on copies of its KV cache (right-padded): the same NLL as transformers' own forward pass over
+    prompt + answer, for answers longer than the tiny model's sliding window (64), a multi-turn
+    conversation, prompts shared by several answers, and with the adapter on and off."""
+    from banklora.data.dataset import Example, load_examples
+    from banklora.data.format import encode_conversation
+    from banklora.evaluation.compare import reference_nll
+    from banklora.modeling import load
+
+    loaded = load(str(tiny_adapter))
+    model, tok = loaded.model, loaded.tokenizer
+    long = [e for e in load_examples(["banking"], split="test") if len(tok(e.output).input_ids) > 80][:3]
+    shared = [Example(instruction="定期存款提前支取怎么计息？", output=o) for o in ("按活期利率", "按原定期利率计息，不受影响", "不计利息")]
+    dialogue = Example(instruction="", output="请准备身份证和收入证明。", messages=(("user", "我想办信用卡。"), ("assistant", "请问您有稳定收入吗？"),
+                                                             ("user", "有的，要什么材料？"), ("assistant", "请准备身份证和收入证明。")))
+    examples = [long[0], shared[0], Example(instruction="没有参考答案的问题", output=""), dialogue, *shared[1:], *long[1:]]
+    assert len(long) == 3
+    for adapter_on in (True, False):
+        with contextlib.nullcontext() if adapter_on else model.disable_adapter():
+            got = reference_nll(model, tok, examples, batch_size=2)
+            assert got[2] is None and dialogue.question()[-1]["content"] == "有的，要什么材料？"
+            for e, nll in zip(examples, got):
+                if e.output:
+                    enc = encode_conversation(tok, e.question() + [{"role": "assistant", "content": e.output}], last_answer_only=True)
+                    with torch.no_grad():
+                        logp = model(torch.tensor([enc.input_ids])).logits[0, :-1].float().log_softmax(-1)
+                    target = torch.tensor(enc.labels[1:])
+                    keep = target != -100
+                    assert nll == pytest.approx(-logp[keep].gather(1, target[keep, None]).mean().item(), abs=1e-5)
 
 
 def test_a_compare_without_a_terminal_reports_progress_as_log_lines(tiny_adapter, caplog):

@@ -22,15 +22,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from banklora.config import GenerationSettings
 from banklora.data.dataset import Example, load_examples
-from banklora.data.batching import collate
-from banklora.data.format import encode_conversation
+from banklora.data.format import IGNORE_INDEX, encode_conversation
 from banklora.errors import UsageError
 from banklora.evaluation import compliance, knowledge, metrics, statistics
 from banklora.generate import Generation, generate_batch
-from banklora.loss import answer_loss
+from banklora.loss import head_losses
 from banklora.modeling import Loaded, is_adapter_dir, load
 from banklora.progress import Progress
 
@@ -74,9 +74,9 @@ def perplexity(nll: float) -> float:
     return math.exp(min(nll, 700.0))
 
 
-# Teacher-forced scoring (reference NLL, the knowledge test's options) runs in batches of this many
-# whatever --batch-size is: a forward pass over whole answers is already large, and fixed batches
-# keep the float rounding, so the numbers do not depend on how many answers were generated at once.
+# Teacher-forced scoring (reference NLL, the knowledge test's options) runs this many prompts at a
+# time, in an order set by the texts alone, whatever --batch-size is: fixed batches keep the float
+# rounding, so the numbers do not depend on how many answers were generated at once.
 SCORING_BATCH = 8
 
 
@@ -86,20 +86,64 @@ def prompt_ids(tokenizer, example: Example) -> list[int]:
 
 
 @torch.inference_mode()
-def reference_nll(model, tokenizer, examples: list[Example], batch_size: int) -> list[float | None]:
-    """Mean negative log-likelihood per token of each reference answer (the final answer, after the
-    same conversation the model answers from), teacher-forced; None without a reference."""
+def reference_nll(model, tokenizer, examples: list[Example], batch_size: int = SCORING_BATCH) -> list[float | None]:
+    """Mean negative log-likelihood per token of each reference answer (the final answer and its
+    <end_of_turn>, after the same conversation the model answers from), teacher-forced; None
+    without a reference.
+
+    Examples that ask the same conversation (a knowledge question's four options) share one pass
+    over it: each prompt runs once, left-padded in a batch of `batch_size` prompts of similar
+    length, and its KV cache is copied to each of its answers, which run right-padded in a second
+    pass. Equal, to float rounding, to one pass over prompt + answer (tested), in fewer tokens
+    (the knowledge test's options: 2.3x fewer)."""
+    answers: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # prompt -> (example index, answer ids)
+    for i, e in enumerate(examples):
+        if e.output:
+            enc = encode_conversation(tokenizer, e.question() + [{"role": "assistant", "content": e.output}], last_answer_only=True)
+            start = next(k for k, label in enumerate(enc.labels) if label != IGNORE_INDEX)
+            answers.setdefault(tuple(enc.input_ids[:start]), []).append((i, enc.input_ids[start:]))
+    prompts = sorted(answers, key=lambda p: (len(p) + max(len(a) for _, a in answers[p]), p))
+    values: list[float | None] = [None] * len(examples)
+    for b in range(0, len(prompts), batch_size):
+        batch = [(p, answers[p]) for p in prompts[b : b + batch_size]]
+        for (i, _), nll in zip((x for _, group in batch for x in group), _answer_nll(model, batch, tokenizer.pad_token_id or 0)):
+            values[i] = nll
+    return values
+
+
+def _answer_nll(model, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]], pad: int) -> list[float]:
+    """Mean NLL of each answer after its prompt, for prompts with their answers, answers in order."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with_reference = [e for e in examples if e.output]
-    values: list[float] = []
-    for i in range(0, len(with_reference), batch_size):
-        encoded = [encode_conversation(tokenizer, e.question() + [{"role": "assistant", "content": e.output}], last_answer_only=True)
-                   for e in with_reference[i : i + batch_size]]
-        batch = {k: v.to(device) for k, v in collate(encoded, pad).items()}
-        values += answer_loss(model, batch, per_example=True).tolist()
-    it = iter(values)
-    return [next(it) if e.output else None for e in examples]
+    width = max(len(p) for p, _ in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (p, _) in enumerate(batch):
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    cache = DynamicCache()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    last = causal_lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                           past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # predicts each answer's first token
+    owner = torch.tensor([row for row, (_, group) in enumerate(batch) for _ in group], device=device)
+    conts = [a for _, group in batch for _, a in group]
+    span = max(len(a) for a in conts)
+    targets = torch.full((len(conts), span), IGNORE_INDEX, dtype=torch.long)
+    for row, a in enumerate(conts):
+        targets[row, : len(a)] = torch.tensor(a)
+    targets = targets.to(device)
+    for layer in cache.layers:  # each prompt's keys and values, once per answer
+        layer.keys, layer.values = layer.keys.index_select(0, owner), layer.values.index_select(0, owner)
+    mask = mask.to(device).index_select(0, owner)
+    hidden = causal_lm.model(
+        input_ids=targets.masked_fill(targets < 0, pad), attention_mask=torch.cat([mask, (targets >= 0).long()], dim=1),
+        position_ids=mask.sum(1, keepdim=True) + torch.arange(span, device=device), past_key_values=cache, use_cache=True,
+        cache_position=torch.arange(width, width + span, device=device),
+    ).last_hidden_state
+    hidden = torch.cat([last.index_select(0, owner)[:, None], hidden[:, :-1]], dim=1)  # position t predicts answer token t
+    keep = targets >= 0
+    losses = head_losses(causal_lm, hidden[keep], targets[keep])
+    sums = torch.zeros(len(conts), device=device).index_add_(0, keep.nonzero()[:, 0], losses)
+    return (sums / keep.sum(1)).tolist()
 
 
 def _mean(values) -> float | None:
