@@ -74,6 +74,11 @@ def perplexity(nll: float) -> float:
     return math.exp(min(nll, 700.0))
 
 
+# Answers generated together by default: with the 270M model and an adapter on 2 cores, a decoding
+# step costs 6.8 ms per row at 32 rows, 4.4 at 72 and 4.1 at 128 (measured), and a row holds only
+# its KV cache (about 37 KB per token for the 270M model).
+GENERATION_BATCH = 128
+
 # Teacher-forced scoring (reference NLL, the knowledge test's options) runs this many prompts at a
 # time, in an order set by the texts alone, whatever --batch-size is: fixed batches keep the float
 # rounding, so the numbers do not depend on how many answers were generated at once.
@@ -201,7 +206,7 @@ def run_compare(
     questions: list[str] = ("banking-eval",),
     split: str | None = None,
     settings: GenerationSettings | None = None,
-    batch_size: int = 32,
+    batch_size: int = GENERATION_BATCH,
     limit: int | None = None,
     base_model: str | None = None,
     rules_file: Path | None = None,
