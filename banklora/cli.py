@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from banklora.config import flags as setting_flags
+from banklora.config import COMPARE_BATCH_SIZE, flags as setting_flags
 from banklora.errors import BankloraError, UsageError
 
 console = Console()
@@ -318,7 +318,7 @@ def compare(
     questions: Annotated[Optional[list[str]], typer.Option("--questions", help="Question set: 'banking-eval' (the seed's 8), 'banking', a registered name or a file with references and keywords.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Only this split of the questions, e.g. test: the held-out split of the built-in set.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Token budget per answer, the same for every model.")] = 160,
-    batch_size: Annotated[int, typer.Option(help="Questions answered together (generation; a finished answer's row takes the next question). Lower it when memory is short.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Questions answered together (generation; a finished answer's row takes the next question). Lower it when memory is short.")] = COMPARE_BATCH_SIZE,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="JSON report path; .md and .html are written beside it [next to the adapter, in reports/].")] = None,
     base_model: BaseModelOpt = None,
@@ -470,7 +470,7 @@ def quickstart(*, flags: dict) -> None:
     _print_trained(run_train(settings, resume="auto"))
     console.rule("[bold]3/3 compare")
     output_dir = settings.output_dir
-    compare(peft_model_path=[output_dir], questions=None, split=None, max_new_tokens=160, batch_size=128, limit=None, report=None,
+    compare(peft_model_path=[output_dir], questions=None, split=None, max_new_tokens=160, batch_size=COMPARE_BATCH_SIZE, limit=None, report=None,
             base_model=None, compliance_rules=None, fail_below=None, fail_on_regression=False, answers=True, knowledge=None)
     console.rule("[bold]done")
     console.print(f"quickstart finished in {time.perf_counter() - start:.0f} s")

@@ -173,6 +173,12 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
 
+# Answers compare generates together by default: with the 270M model and an adapter on 2 cores, a
+# decoding step costs 6.8 ms per row at 32 rows, 4.4 at 72 and 4.1 at 128 (measured), and a row
+# holds only its KV cache (about 37 KB per token for the 270M model).
+COMPARE_BATCH_SIZE = 128
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 256

@@ -132,7 +132,7 @@ def test_a_compares_numbers_do_not_depend_on_its_batch_size(report, tiny_adapter
     one = run_compare([str(tiny_adapter)], questions=["banking"], split="test", limit=2, settings=GenerationSettings(max_new_tokens=2),
                       knowledge_tests=[str(mcq_file)], batch_size=1)
     assert report["generation"]["batch_size"] == 128 and one["generation"]["batch_size"] == 1
-    for q32, q1 in zip(report["questions"], one["questions"]):
+    for q_default, q1 in zip(report["questions"], one["questions"]):
         for m in report["models"]:
-            assert q32["answers"][m]["answer"] == q1["answers"][m]["answer"] and q32["answers"][m]["ref_nll"] == q1["answers"][m]["ref_nll"]
+            assert q_default["answers"][m]["answer"] == q1["answers"][m]["answer"] and q_default["answers"][m]["ref_nll"] == q1["answers"][m]["ref_nll"]
     assert [q["models"] for q in report["knowledge"]["questions"]] == [q["models"] for q in one["knowledge"]["questions"]]

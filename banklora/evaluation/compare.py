@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from banklora.config import GenerationSettings
+from banklora.config import COMPARE_BATCH_SIZE, GenerationSettings
 from banklora.data.dataset import Example, load_examples
 from banklora.data.format import IGNORE_INDEX, encode_conversation
 from banklora.errors import UsageError
@@ -33,6 +33,7 @@ from banklora.generate import Generation, generate_batch
 from banklora.loss import head_losses
 from banklora.modeling import Loaded, is_adapter_dir, load
 from banklora.progress import Progress
+from banklora.serve.engine import left_padded
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,6 @@ def perplexity(nll: float) -> float:
     """exp(NLL), shown for people; capped where exp overflows a float (NLL > 700)."""
     return math.exp(min(nll, 700.0))
 
-
-# Answers generated together by default: with the 270M model and an adapter on 2 cores, a decoding
-# step costs 6.8 ms per row at 32 rows, 4.4 at 72 and 4.1 at 128 (measured), and a row holds only
-# its KV cache (about 37 KB per token for the 270M model).
-GENERATION_BATCH = 128
 
 # Teacher-forced scoring (reference NLL, the knowledge test's options) runs this many prompts at a
 # time, in an order set by the texts alone, whatever --batch-size is: fixed batches keep the float
@@ -120,14 +116,10 @@ def _answer_nll(model, batch: list[tuple[tuple[int, ...], list[tuple[int, list[i
     """Mean NLL of each answer after its prompt, for prompts with their answers, answers in order."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
-    width = max(len(p) for p, _ in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (p, _) in enumerate(batch):
-        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    ids, mask, positions = left_padded([list(p) for p, _ in batch], pad, device)
+    width = ids.shape[1]
     cache = DynamicCache()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    last = causal_lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+    last = causal_lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                            past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # predicts each answer's first token
     owner = torch.tensor([row for row, (_, group) in enumerate(batch) for _ in group], device=device)
     conts = [a for _, group in batch for _, a in group]
@@ -138,7 +130,7 @@ def _answer_nll(model, batch: list[tuple[tuple[int, ...], list[tuple[int, list[i
     targets = targets.to(device)
     for layer in cache.layers:  # each prompt's keys and values, once per answer
         layer.keys, layer.values = layer.keys.index_select(0, owner), layer.values.index_select(0, owner)
-    mask = mask.to(device).index_select(0, owner)
+    mask = mask.index_select(0, owner)
     hidden = causal_lm.model(
         input_ids=targets.masked_fill(targets < 0, pad), attention_mask=torch.cat([mask, (targets >= 0).long()], dim=1),
         position_ids=mask.sum(1, keepdim=True) + torch.arange(span, device=device), past_key_values=cache, use_cache=True,
@@ -206,7 +198,7 @@ def run_compare(
     questions: list[str] = ("banking-eval",),
     split: str | None = None,
     settings: GenerationSettings | None = None,
-    batch_size: int = GENERATION_BATCH,
+    batch_size: int = COMPARE_BATCH_SIZE,
     limit: int | None = None,
     base_model: str | None = None,
     rules_file: Path | None = None,

@@ -200,14 +200,7 @@ class Engine:
         now = time.perf_counter()
         for r in requests:
             r.admitted = now
-        width = max(len(r.prompt) for r in requests)
-        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, width - len(r.prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        ids, mask, positions = left_padded([r.prompt for r in requests], self.pad_id, self.device)
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in requests])
         rows = []
@@ -296,6 +289,19 @@ class Engine:
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, first:]
             layer.values = layer.values.index_select(0, index)[:, :, first:]
+
+
+def left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch, so every row's last token is in the last column: ids,
+    attention mask (1 on real tokens) and per-row position ids, each (rows, longest prompt)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
 
 
 def _pad_left(cache: DynamicCache, mask: torch.Tensor, n: int) -> None:
