@@ -15,6 +15,8 @@ rouge_l         ROUGE-L F1 against the reference answer, on jieba-segmented word
                 words (English), punctuation and spaces dropped
 bleu4           sentence BLEU-4 against the reference with sacrebleu's Chinese tokenizer ("zh";
                 "13a" for English), exponential smoothing, scaled to 0..1
+loops           the answer is a degenerate repetition loop (see `loops`); compare reports its share
+                beside `ends`, the share of answers that ended before the token budget
 Keywords match through a small synonym table (keyword_synonyms.yaml: 年化利率 matches 年利率).
 """
 
@@ -91,6 +93,37 @@ def completeness(answer: str, finished: bool) -> Completeness:
         structure=structure,
         variety=variety,
     )
+
+
+# loops() reads an answer as units: one per CJK character or English word (a run of ASCII letters or
+# digits), punctuation and spacing dropped, list markers (1. 2、 (3) ④ 五、) taken out so that
+# "1. X 2. X" reads as X X. Both thresholds sit above the longest repeats in the 368 curated
+# reference answers (none of which loops, tested) and at or below the shortest loops seen.
+LOOP_BACK_TO_BACK = 8  # units repeated right after a span's first copy: 提前还款 three times repeats 8;
+#                        the references repeat at most 5 (由被保险人或投保人指定，投保人指定须经...)
+LOOP_ANYWHERE = 18  # units of a span that occurs twice anywhere: the list loop seen repeats 23; the
+#                     references at most 10 (Chinese) and 4 (English: the bank's official), the
+#                     compliance phrase 理财非存款，产品有风险，投资须谨慎 has 15
+_LOOP_UNIT = re.compile(r"[a-z0-9]+|[^\W_]")
+_LIST_MARKER = re.compile(r"(?<![\w.])(?:\d{1,2}[.、)）](?!\d)|[(（]\d{1,2}[)）]|[一二三四五六七八九十]{1,2}、)|[①-⑳]")
+
+
+def loops(answer: str) -> bool:
+    """True when the answer is a degenerate repetition loop. Read as units (each CJK character and
+    each English word one unit; punctuation, spacing and list markers dropped), either some span is
+    repeated back to back with at least LOOP_BACK_TO_BACK units after its first copy (具体利率以合同为准
+    over and over, 提前还款 three times, an answer restarting itself, a loop the token budget cut
+    mid-copy), or a span of at least LOOP_ANYWHERE units occurs twice anywhere (the same list item
+    twice). Legitimate answers repeat words and short phrases (信用卡, the bank, 登录手机银行 in
+    several list items), not spans this long."""
+    units = _LOOP_UNIT.findall(_LIST_MARKER.sub(" ", answer.lower()))
+    for shift in range(1, len(units)):
+        run = 0  # units matching their copy `shift` units later, ending here
+        for a, b in zip(units, units[shift:]):
+            run = run + 1 if a == b else 0
+            if run >= LOOP_ANYWHERE or (run >= shift and run >= LOOP_BACK_TO_BACK):
+                return True  # run >= shift: the span's copy starts right where the span ends
+    return False
 
 
 def overall(keyword: float | None, complete: float) -> float:

@@ -1,4 +1,5 @@
-"""Paired statistics for per-question metric deltas: wins, bootstrap interval, a paired test."""
+"""Paired statistics for per-question metric deltas (wins, bootstrap interval, Wilcoxon) and for
+yes/no outcomes (McNemar's exact test)."""
 
 from __future__ import annotations
 
@@ -59,9 +60,11 @@ def paired(a, b, higher_is_better: bool = True, metric: str = "score") -> Paired
     return PairedStats(float(deltas.mean()), low, high, p, wins, len(deltas) - wins - losses, losses, significant, verdict)
 
 
-def mcnemar(a_correct, b_correct, metric: str = "accuracy") -> dict:
-    """Accuracy of b against a on the same questions: McNemar's exact (binomial) test on the
-    discordant questions, and a bootstrap interval of the accuracy delta."""
+def mcnemar(a_correct, b_correct, metric: str = "accuracy", higher_is_better: bool = True) -> dict:
+    """A yes/no outcome of b against a on the same questions (a knowledge question answered right,
+    an answer that ended, an answer that loops): McNemar's exact (binomial) test on the discordant
+    questions, and a bootstrap interval of the delta in rates. b_only counts the questions where
+    only b has the outcome; `higher_is_better` False for an outcome to avoid."""
     from scipy.stats import binomtest
 
     a, b = np.asarray(a_correct, dtype=float), np.asarray(b_correct, dtype=float)
@@ -71,8 +74,10 @@ def mcnemar(a_correct, b_correct, metric: str = "accuracy") -> dict:
     delta = float((b - a).mean())
     significant = (low > 0 or high < 0) and p < 0.05
     if significant:
-        verdict = f"{metric}: significantly {'better' if delta > 0 else 'worse'} ({delta:+.3f}, 95% CI {low:+.3f} to {high:+.3f}, McNemar p={p:.3g})"
+        better = (delta > 0) == higher_is_better
+        verdict = f"{metric}: significantly {'better' if better else 'worse'} ({delta:+.3f}, 95% CI {low:+.3f} to {high:+.3f}, McNemar p={p:.3g})"
     else:
         verdict = f"{metric}: not significant ({delta:+.3f}, 95% CI {low:+.3f} to {high:+.3f}, McNemar p={p:.3g})"
-    return {"mean_delta": round(delta, 6), "ci_low": round(low, 6), "ci_high": round(high, 6), "p_value": p,
+    return {"a_rate": round(float(a.mean()), 6), "b_rate": round(float(b.mean()), 6),
+            "mean_delta": round(delta, 6), "ci_low": round(low, 6), "ci_high": round(high, 6), "p_value": p,
             "b_only": b_only, "a_only": a_only, "n": len(a), "significant": significant, "verdict": verdict}
