@@ -35,7 +35,9 @@ def _params(settings: GenerationSettings):
     from banklora.serve.engine import SamplingParams
 
     seed = int(torch.randint(0, 2**62, ())) if settings.temperature > 0 else None
-    return SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=seed)
+    return SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=seed,
+                          frequency_penalty=settings.frequency_penalty, presence_penalty=settings.presence_penalty,
+                          repetition_penalty=settings.repetition_penalty)
 
 
 @torch.inference_mode()

@@ -1,5 +1,6 @@
 """`banklora serve` as users meet it: a real uvicorn process on 127.0.0.1, a tiny Gemma3 with two
-tiny adapters of different weights, the real `openai` client, and raw HTTP for the error shapes."""
+tiny adapters of different weights, the real `openai` client, and raw HTTP for the error shapes;
+and the engine's repetition penalties, checked against a hand-computed example and a reference."""
 
 from __future__ import annotations
 
@@ -199,6 +200,10 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "你好"}], "
     ({"temperature": -0.1}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -2.1}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.2}, "repetition_penalty"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"stop": ""}, "stop"),
@@ -245,6 +250,45 @@ def test_the_openai_client_sees_these_errors(server):
     assert bad.value.body["param"] == "temperature"
     with pytest.raises(openai.NotFoundError):
         server.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_repetition_penalties_reach_the_engine_through_the_openai_client(server, tiny_base):
+    """frequency_penalty / presence_penalty as OpenAI parameters, repetition_penalty as vLLM's extra
+    (extra_body): neutral values change nothing, others change a looping answer exactly as
+    `banklora chat` with the same flags answers, and out-of-range values are 400 naming the param."""
+    import openai
+
+    from conftest import cli
+
+    client, base, q = server.client(), str(tiny_base), "你好"
+
+    def ask(**kw):
+        return client.chat.completions.create(model=base, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=12,
+                                              **kw).choices[0].message.content
+
+    def chat(*flags):
+        result = cli("chat", "--model-path", base, "--prompt", q, "--temperature", "0", "--max-new-tokens", "12", "--no-stream", *flags)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    plain = ask()
+    assert ask(frequency_penalty=0, presence_penalty=0, extra_body={"repetition_penalty": 1.0}) == plain
+    for kw, flags in (({"extra_body": {"repetition_penalty": 1.5}}, ("--repetition-penalty", "1.5")),
+                      ({"frequency_penalty": 1.0, "presence_penalty": 0.5}, ("--frequency-penalty", "1.0", "--presence-penalty", "0.5"))):
+        answer = ask(**kw)
+        assert answer != plain and answer.strip() == chat(*flags)
+    completion = client.completions.create(model=base, prompt="银行", temperature=0, max_tokens=8)
+    penalized = client.completions.create(model=base, prompt="银行", temperature=0, max_tokens=8, frequency_penalty=2,
+                                          extra_body={"repetition_penalty": 2})
+    assert penalized.choices[0].text != completion.choices[0].text
+    for kw, param in (({"frequency_penalty": 2.5}, "frequency_penalty"), ({"presence_penalty": -3}, "presence_penalty"),
+                      ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            ask(**kw)
+        assert bad.value.status_code == 400 and bad.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=base, prompt="银行", max_tokens=2, extra_body={"repetition_penalty": 0})
+    assert bad.value.body["param"] == "repetition_penalty"
 
 
 def test_api_key_is_required_except_for_health_and_the_page(server):
@@ -464,3 +508,100 @@ def test_web_chat_streams_switches_model_and_compares_side_by_side_in_chromium(s
         assert ask(page, ["pane1", "pane2"]) == [alone[(base, q)].strip(), alone[("b", q)].strip()]
         page.screenshot(path=str(artifacts / "web-chat-side-by-side.png"), full_page=True)
         browser.close()
+
+
+# ------------------------------------------------------------------ the engine's repetition penalties
+def test_penalties_follow_vllm_on_a_hand_computed_example():
+    """vLLM's apply_penalties: repetition scales the prompt's and the answer's tokens (divides a
+    positive logit, multiplies the others); frequency and presence count the answer's tokens only."""
+    import torch
+
+    from banklora.serve.engine import apply_penalties
+
+    logits = torch.tensor([2.0, -1.0, 0.5, -0.5, 3.0, 0.0])
+    tokens = torch.tensor([0, 1, 5, 2, 3])  # the prompt holds 0, 1 and 5; the answer so far 2, 2, 3
+    counts = torch.tensor([0.0, 0.0, 0.0, 2.0, 1.0])  # times in the answer
+
+    def penalized(frequency=0.0, presence=0.0, repetition=1.0):
+        return apply_penalties(logits.clone(), tokens, counts, frequency, presence, repetition).tolist()
+
+    assert penalized(repetition=2.0) == [1.0, -2.0, 0.25, -1.0, 3.0, 0.0]  # 4 is in neither; 0 stays 0
+    assert penalized(repetition=0.5) == [4.0, -0.5, 1.0, -0.25, 3.0, 0.0]  # < 1 favours repeats
+    assert penalized(frequency=0.5) == [2.0, -1.0, -0.5, -1.0, 3.0, 0.0]  # minus 0.5 x count; the prompt's tokens untouched
+    assert penalized(presence=0.25) == [2.0, -1.0, 0.25, -0.75, 3.0, 0.0]  # minus 0.25 once, however often
+    assert penalized(frequency=-0.5, presence=-1.0) == [2.0, -1.0, 2.5, 1.0, 3.0, 0.0]  # negative: encourages repeats
+    assert penalized(2.0, 1.0, 2.0) == [1.0, -2.0, 0.25 - 4.0 - 1.0, -1.0 - 2.0 - 1.0, 3.0, 0.0]  # repetition first, then the rest
+    for extreme in (1e-40, 1e40):  # beyond float32: the largest finite logits, never inf or NaN for the sampler
+        assert torch.isfinite(apply_penalties(logits.clone(), tokens, counts, 0.0, 0.0, extreme)).all()
+    noise = torch.randn(1000)
+    seen = torch.arange(0, 1000, 3)
+    assert torch.equal(apply_penalties(noise.clone(), seen, torch.ones(len(seen)), 0.0, 0.0, 1.0), noise)  # neutral: bit for bit
+
+
+def _answer_tokens(loaded, prompts: list[list[int]], params: list) -> list[list[int]]:
+    """Token ids the engine chooses for each prompt with its own SamplingParams, all in one batch."""
+    from banklora.serve.engine import Engine, Request
+
+    engine = Engine(loaded.model, loaded.tokenizer, peft=False, max_batch_size=len(prompts))
+    requests = [Request(list(p), None, sp, sink=lambda event: None) for p, sp in zip(prompts, params)]
+    tokens = {id(r): [] for r in requests}
+    advance = engine._advance
+
+    def recording(row, logits):
+        advance(row, logits)
+        tokens[id(row.request)] = list(row.generated)
+
+    engine._advance = recording
+    for r in requests:
+        engine.submit(r)
+    engine.run_until_done()
+    return [tokens[id(r)] for r in requests]
+
+
+def test_the_engine_penalizes_each_row_as_a_from_scratch_reference_does(tiny_base):
+    """On the tiny model, whose greedy answer loops on one token: neutral penalties give the answer
+    without penalties token for token; penalties break the loop, each row with its own, the same
+    in a batch as alone, and equal to transformers' generate with the counts recomputed at every
+    step (and, for repetition alone, to transformers' own repetition_penalty)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from banklora.data.format import encode_prompt, stop_token_ids
+    from banklora.modeling import load
+    from banklora.serve.engine import SamplingParams, apply_penalties
+
+    loaded = load(str(tiny_base))
+    prompts = [encode_prompt(loaded.tokenizer, q) for q in ("你好", "怎么开户？", "信用卡逾期会怎样？")]
+    n = 16
+    plain = _answer_tokens(loaded, prompts, [SamplingParams(max_tokens=n)] * 3)
+    assert all(len(set(t)) < len(t) / 2 for t in plain)  # a random tiny model repeats itself
+    neutral = SamplingParams(max_tokens=n, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0)
+    assert not neutral.penalized and _answer_tokens(loaded, prompts, [neutral] * 3) == plain
+    asks = [SamplingParams(max_tokens=n, repetition_penalty=1.5), SamplingParams(max_tokens=n, frequency_penalty=1.0),
+            SamplingParams(max_tokens=n, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2)]
+    batch = _answer_tokens(loaded, [prompts[0]] * 3 + [prompts[1]], [*asks, SamplingParams(max_tokens=n)])
+    assert batch[3] == plain[1]  # a row without penalties beside penalized ones is untouched
+    stops = stop_token_ids(loaded.tokenizer)
+
+    class FromScratch(LogitsProcessor):
+        def __init__(self, prompt_length: int, params) -> None:
+            self.prompt_length, self.params = prompt_length, params
+
+        def __call__(self, input_ids, scores):
+            seen = input_ids[0].unique()  # prompt and answer so far
+            counts = (input_ids[0, self.prompt_length:, None] == seen).sum(0).float()  # times in the answer
+            p = self.params
+            apply_penalties(scores[0], seen, counts, p.frequency_penalty, p.presence_penalty, p.repetition_penalty)
+            return scores
+
+    def generate(prompt, **kw):
+        with torch.no_grad():
+            out = loaded.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                                        max_new_tokens=n, do_sample=False, eos_token_id=stops, pad_token_id=0, **kw)
+        return out[0, len(prompt):].tolist()
+
+    for params, got in zip(asks, batch):
+        assert got != plain[0]
+        assert got == _answer_tokens(loaded, [prompts[0]], [params])[0]  # the same alone as in the batch
+        assert got == generate(prompts[0], logits_processor=LogitsProcessorList([FromScratch(len(prompts[0]), params)]))
+    assert batch[0] == generate(prompts[0], repetition_penalty=1.5)

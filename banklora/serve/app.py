@@ -199,7 +199,10 @@ def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None
     def sampling(req, tokens: int) -> SamplingParams:
         temperature = 1.0 if req.temperature is None else req.temperature
         return SamplingParams(max_tokens=tokens, temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
-                              stop=req.stops(), seed=req.seed)
+                              stop=req.stops(), seed=req.seed,
+                              frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
+                              presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
+                              repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty)
 
     async def answer(http: HttpRequest, endpoint: str, req, prompt: list[int], chunk, final):
         """Run one request: a JSON answer, or a stream of chunks ending with [DONE]."""

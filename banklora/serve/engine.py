@@ -8,6 +8,10 @@ DynamicCache of full layers whose columns are cache slots, with a 2-D mask sayin
 a row's real tokens and per-row position ids, so each row sees exactly its own tokens (Gemma's
 sliding window is measured in slots, which equal positions within a row because its padding is
 all on the left). A finished or cancelled row leaves the batch at once and frees its slot.
+
+Each row may ask for repetition penalties (OpenAI's frequency and presence penalties, vLLM's
+repetition penalty), applied to its logits before the greedy pick or the sampling; a row that asks
+for none costs nothing extra.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # repetition controls, applied by apply_penalties before the pick; 0, 0 and 1 = off
+    frequency_penalty: float = 0.0  # OpenAI's: a token's logit minus this x its count in the answer so far
+    presence_penalty: float = 0.0  # OpenAI's: a token's logit minus this once it is in the answer
+    repetition_penalty: float = 1.0  # vLLM's: a positive logit of a token in the prompt or the answer / this, a negative one x this
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (otherwise the row skips the penalty work entirely)."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclass
@@ -88,6 +101,9 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the answer already sent
     done: bool = False
+    # only for a row with penalties on: every distinct token of the prompt and the answer -> the
+    # times it is in the answer (0: the prompt's only), kept as tokens are chosen, never recounted
+    counts: dict[int, int] | None = None
 
 
 class Engine:
@@ -210,6 +226,8 @@ class Engine:
                 generator = torch.Generator()
                 generator.manual_seed(r.params.seed if r.params.seed is not None else torch.seed())
             rows.append(_Row(r, next_token=0, position=len(r.prompt), generator=generator))
+            if r.params.penalized:
+                rows[-1].counts = dict.fromkeys(r.prompt, 0)
         self._join(rows, cache, mask)
         for row, row_logits in zip(rows, logits):
             self._advance(row, row_logits)
@@ -248,16 +266,22 @@ class Engine:
         if row.request.cancelled.is_set():
             row.done = True
             return
-        token = _sample(logits, row.request.params, row.generator)
+        params = row.request.params
+        if row.counts is not None:
+            tokens = torch.tensor(list(row.counts), device=logits.device)
+            counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
+            apply_penalties(logits, tokens, counts, params.frequency_penalty, params.presence_penalty, params.repetition_penalty)
+        token = _sample(logits, params, row.generator)
         if row.request.first_token is None:
             row.request.first_token = time.perf_counter()
-        params = row.request.params
         finish = None
         if token in self.stop_ids:
             finish = "stop"
         else:
             row.generated.append(token)
             row.next_token = token
+            if row.counts is not None:
+                row.counts[token] = row.counts.get(token, 0) + 1
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         if finish is None and params.stop:
             hit = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
@@ -313,6 +337,27 @@ def _pad_left(cache: DynamicCache, mask: torch.Tensor, n: int) -> None:
 
 def _pad_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros((mask.shape[0], n)), mask], dim=1)
+
+
+def apply_penalties(logits: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float,
+                    repetition: float) -> torch.Tensor:
+    """vLLM's penalties (vllm/model_executor/layers/utils.py, apply_penalties) on one row's logits
+    (vocab,), in place as vLLM does, and returned. tokens (n,): every distinct token of the prompt
+    or the answer; counts (n,): the times each is in the answer (0 for the prompt's only). Only
+    these tokens change, in vLLM's order:
+    1) repetition (> 0, 1 = off): a positive logit is multiplied by 1 / repetition, any other by
+       repetition (so > 1 makes every seen token less likely);
+    2) frequency, then presence (OpenAI's, -2..2): minus frequency x count, minus presence when the
+       token is in the answer.
+    A repetition penalty so extreme (1e-40, 1e40) that a logit overflows float32 would make it
+    infinite (or NaN) and the sampling fail for the whole batch: it becomes the largest finite one."""
+    x = logits[tokens]
+    if repetition != 1:
+        penalty = torch.tensor(repetition, dtype=x.dtype, device=x.device)
+        x = (x * torch.where(x > 0, 1.0 / penalty, penalty)).nan_to_num()
+    x = x - frequency * counts - presence * (counts > 0)
+    logits[tokens] = x
+    return logits
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

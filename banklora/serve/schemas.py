@@ -62,6 +62,10 @@ class _Sampling(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus sampling threshold; default 1.")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings; the answer ends before the first one.")
     seed: Optional[int] = Field(None, description="Sampling seed: the same seed and request give the same answer.")
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, description="Lowers each token's logit by this x the times it is already in the answer; default 0 (off).")
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, description="Lowers a token's logit by this once it is in the answer; default 0 (off).")
+    repetition_penalty: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description=(
+        "vLLM's extra parameter: tokens of the prompt or the answer have their logit divided by this (multiplied when negative); default 1 (off)."))
     n: int = Field(1, description="Answers per request; only 1.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
