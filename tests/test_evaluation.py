@@ -43,7 +43,7 @@ def _questions(base, tuned):
     def answer(overall):
         return {"overall": overall, "keyword_match": overall, "completeness": overall, "rouge_l": overall, "bleu4": overall,
                 "ref_nll": 2.3 - overall, "response_seconds": 1.0, "first_token_seconds": 0.1,
-                "tokens_per_second": 5.0, "finished": True, "compliance_flags": ["guaranteed_return"] if overall < 0 else []}
+                "tokens_per_second": 5.0, "finished": True, "loops": False, "compliance_flags": ["guaranteed_return"] if overall < 0 else []}
     return [{"answers": {"base": answer(b), "tuned": answer(t)}} for b, t in zip(base, tuned)]
 
 
@@ -62,8 +62,65 @@ def test_summary_pairs_and_gates():
     assert any("significantly worse than base on overall" in r for r in reasons)
 
 
+def _outcomes(base_ends, tuned_ends, base_loops, tuned_loops):
+    """Hand-made rows (one per question) with the given answers that end and that loop."""
+    qs = _questions([0.3] * len(base_ends), [0.5] * len(base_ends))
+    for i, (q, *flags) in enumerate(zip(qs, base_ends, tuned_ends, base_loops, tuned_loops)):
+        q |= {"category": "deposit", "question": f"问题{i}"}
+        for a in q["answers"].values():
+            a["ref_perplexity"] = math.exp(a["ref_nll"])
+        for (m, field), flag in zip((("base", "finished"), ("tuned", "finished"), ("base", "loops"), ("tuned", "loops")), flags):
+            q["answers"][m][field] = bool(flag)
+    return qs
+
+
+def test_ends_and_loops_shares_and_mcnemar_on_hand_made_rows():
+    from banklora.evaluation.report import markdown
+
+    # 10 questions: the base ends 1 answer, the adapter 9 (9 only it, 1 only the base);
+    # the base loops on none, the adapter on questions 0-2 (3 only it): 3 vs 0 is no evidence
+    qs = _outcomes([0] * 9 + [1], [1] * 9 + [0], [0] * 10, [1, 1, 1] + [0] * 7)
+    summary = summarize(qs, ["base", "tuned"])
+    assert (summary["base"]["ends"], summary["base"]["ends_count"], summary["base"]["finished"]) == (0.1, 1, 1)
+    assert (summary["tuned"]["ends"], summary["tuned"]["ends_count"], summary["tuned"]["finished"]) == (0.9, 9, 9)
+    assert (summary["base"]["loops"], summary["base"]["loops_count"]) == (0.0, 0)
+    assert (summary["tuned"]["loops"], summary["tuned"]["loops_count"]) == (0.3, 3)
+    ends = compare_pair(qs, "base", "tuned")["binary"]["ends"]
+    assert (ends["a_rate"], ends["b_rate"], ends["b_only"], ends["a_only"], ends["n"]) == (0.1, 0.9, 9, 1, 10)
+    assert ends["p_value"] == pytest.approx(2 * (10 + 1) / 2**10)  # two-sided exact binomial: 2 P(X >= 9), X ~ B(10, 1/2)
+    assert ends["significant"] and ends["verdict"].startswith("ends: significantly better (+0.800")
+    loops = compare_pair(qs, "base", "tuned")["binary"]["loops"]
+    assert (loops["a_rate"], loops["b_rate"], loops["b_only"], loops["a_only"]) == (0.0, 0.3, 3, 0)
+    assert loops["p_value"] == pytest.approx(0.25) and not loops["significant"] and loops["verdict"].startswith("loops: not significant (+0.300")
+    report = {"models": ["base", "tuned"], "summary": summary, "comparisons": [compare_pair(qs, "base", "tuned")], "questions": qs,
+              "questions_source": ["hand"], "split": None, "generation": {"max_new_tokens": 160}, "base_model": {"name": "tiny"}}
+    assert gate(report, {"ends": 0.95}, True) == ["tuned: mean ends 0.9000 is below --fail-below ends=0.95"]
+    md = markdown(report).splitlines()
+    assert "| ends | 0.100 (1/10) | 0.900 (9/10) |" in md and "| loops | 0.000 (0/10) | 0.300 (3/10) |" in md
+    assert f"| ends | 0.100 | 0.900 | [{ends['ci_low']:+.3f}, {ends['ci_high']:+.3f}] | {ends['p_value']:.3g} | 9 / 1 |" in md
+    assert f"- {ends['verdict']}" in md and f"- {loops['verdict']}" in md
+    from rich.console import Console
+
+    from banklora.evaluation.compare import print_report
+
+    console = Console(record=True, width=250)
+    print_report(report, console, show_answers=False)
+    terminal = [" ".join(line.replace("│", " ").split()) for line in console.export_text().splitlines()]
+    assert "ends 0.100 (1/10) 0.900 (9/10)" in terminal and "loops 0.000 (0/10) 0.300 (3/10)" in terminal
+    assert f"ends 0.100 0.900 [{ends['ci_low']:+.3f}, {ends['ci_high']:+.3f}] {ends['p_value']:.3g} 9 / 1 significantly better" in terminal
+
+    # an adapter that loops on 8 more questions than the base is significantly worse, and the gate says so
+    qs = _outcomes([1] * 10, [1] * 10, [0] * 10, [1] * 8 + [0] * 2)
+    pair = compare_pair(qs, "base", "tuned")
+    assert pair["binary"]["ends"]["p_value"] == 1.0 and pair["binary"]["loops"]["verdict"].startswith("loops: significantly worse")
+    reasons = gate({"models": ["base", "tuned"], "summary": summarize(qs, ["base", "tuned"]), "comparisons": [pair]}, {}, True)
+    assert reasons == [f"tuned is significantly worse than base on loops ({pair['binary']['loops']['verdict']})"]
+
+
 def test_threshold_flags_are_validated():
-    assert parse_thresholds(["rouge_l=0.2", "overall=0.5"]) == {"rouge_l": 0.2, "overall": 0.5}
+    assert parse_thresholds(["rouge_l=0.2", "overall=0.5", "ends=0.9"]) == {"rouge_l": 0.2, "overall": 0.5, "ends": 0.9}
+    with pytest.raises(UsageError, match="METRIC=VALUE"):
+        parse_thresholds(["loops=0.1"])  # lower is better: not a --fail-below metric
     with pytest.raises(UsageError, match="METRIC=VALUE"):
         parse_thresholds(["rouge=0.2"])
     with pytest.raises(UsageError, match="not a number"):
@@ -103,6 +160,7 @@ def test_reports_hold_every_number(html_report):
             assert {"answer", "keyword_match", "completeness", "overall", "rouge_l", "bleu4", "ref_nll", "ref_perplexity",
                     "compliance_flags", "response_seconds", "first_token_seconds", "tokens_per_second"} <= set(a)
             assert a["ref_perplexity"] == pytest.approx(math.exp(a["ref_nll"]), rel=1e-5)
+            assert a["loops"] is metrics.loops(a["answer"]) and isinstance(a["finished"], bool)
         delta = q["deltas_vs_base"]["tiny"]
         assert delta["rouge_l"] == pytest.approx(q["answers"]["tiny"]["rouge_l"] - q["answers"]["base"]["rouge_l"], abs=1e-6)
     # means per language and per category, next to the totals, each recomputed from its questions
@@ -114,8 +172,20 @@ def test_reports_hold_every_number(html_report):
             for m in ("base", "tiny"):
                 assert g["means"][m]["rouge_l"] == pytest.approx(sum(q["answers"][m]["rouge_l"] for q in rows) / len(rows), abs=1e-4)
                 assert g["means"][m]["ref_perplexity"] == pytest.approx(math.exp(sum(q["answers"][m]["ref_nll"] for q in rows) / len(rows)), rel=1e-3)
+    assert saved["format"] == "banklora-compare/5" and {"ends", "loops"} <= set(saved["metric_definitions"])
+    for m in ("base", "tiny"):  # ends and loops: shares and counts recomputed from the answers
+        s = saved["summary"][m]
+        assert s["ends_count"] == s["finished"] == sum(q["answers"][m]["finished"] for q in saved["questions"])
+        assert s["loops_count"] == sum(q["answers"][m]["loops"] for q in saved["questions"])
+        assert (s["ends"], s["loops"]) == (round(s["ends_count"] / 6, 4), round(s["loops_count"] / 6, 4))
+    outcomes = saved["comparisons"][0]["binary"]
+    assert outcomes["ends"]["b_only"] == sum(q["answers"]["tiny"]["finished"] and not q["answers"]["base"]["finished"] for q in saved["questions"])
     md = paths["markdown"].read_text()
     assert "## tiny vs base" in md and "| rouge_l |" in md and "95% CI" in md
+    for key in ("ends", "loops"):
+        counts = [saved["summary"][m][f"{key}_count"] for m in ("base", "tiny")]
+        assert f"| {key} | {counts[0] / 6:.3f} ({counts[0]}/6) | {counts[1] / 6:.3f} ({counts[1]}/6) |" in md
+        assert f"- {outcomes[key]['verdict']}" in md
     assert "## Means per language and category" in md
     for value, g in saved["breakdowns"]["category"].items():
         assert f"| category {value} | {g['n']} | {g['means']['base']['overall']:.3f} → {g['means']['tiny']['overall']:.3f} |" in md
@@ -123,6 +193,26 @@ def test_reports_hold_every_number(html_report):
     assert "http://" not in html and "https://" not in html and "<script" not in html  # opens with no network
     assert html.count("data:image/png;base64,") == 3
     assert html.count('<td class="text">language ') == len(saved["breakdowns"]["language"])
+    for key in ("ends", "loops"):
+        assert f'<td class="text">{key}</td><td>{saved["summary"]["base"][key]:.3f} ({saved["summary"]["base"][f"{key}_count"]}/6)</td>' in html
+        assert f"{outcomes[key]['verdict']}</td>" in html
+
+
+def test_the_model_card_carries_ends_and_loops(html_report, tiny_adapter, tmp_path):
+    import shutil
+
+    from banklora.card import record_evaluation
+
+    report, _ = html_report
+    adapter = tmp_path / "tiny"
+    shutil.copytree(tiny_adapter, adapter)
+    record_evaluation(adapter, report, "tiny")
+    rows = json.loads((adapter / "banklora_meta.json").read_text())["evaluation"]["metrics"]
+    card = (adapter / "README.md").read_text()
+    for key in ("ends", "loops"):
+        s = report["comparisons"][0]["binary"][key]
+        assert rows[key]["base"] == report["summary"]["base"][key] and rows[key]["adapter"] == report["summary"]["tiny"][key]
+        assert f"| {key} | {rows[key]['base']:.3f} | {rows[key]['adapter']:.3f} | " in card and f"McNemar p={s['p_value']:.3g}" in rows[key]["finding"]
 
 
 def test_html_report_renders_charts_and_table_in_chromium(html_report, tmp_path):
@@ -177,7 +267,7 @@ def test_reference_perplexity_is_exp_of_the_mean_nll_so_one_bad_question_does_no
     # nine questions the adapter predicts a little better, one it predicts very badly (NLL 60: perplexity 1e26)
     base_nll, tuned_nll = [2.0] * 9 + [3.0], [1.8] * 9 + [60.0]
     qs = [{"answers": {m: {"overall": 0.5, "keyword_match": None, "completeness": 0.5, "rouge_l": 0.5, "bleu4": 0.5, "ref_nll": n,
-                           "response_seconds": 1.0, "first_token_seconds": 0.1, "tokens_per_second": 5.0, "finished": True, "compliance_flags": []}
+                           "response_seconds": 1.0, "first_token_seconds": 0.1, "tokens_per_second": 5.0, "finished": True, "loops": False, "compliance_flags": []}
                        for m, n in (("base", b), ("tuned", t))}} for b, t in zip(base_nll, tuned_nll)]
     summary = summarize(qs, ["base", "tuned"])
     assert summary["tuned"]["ref_nll"] == pytest.approx((1.8 * 9 + 60) / 10, abs=1e-4)

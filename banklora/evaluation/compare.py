@@ -3,13 +3,15 @@
 One base model is loaded with every adapter beside it: the base answers with the adapters
 switched off (PEFT's disable_adapter), each adapter with set_adapter. So all models answer with
 identical base weights, the same prompts, greedy decoding and the same token budget. Per answer:
-keyword match, completeness, overall, ROUGE-L, BLEU-4, compliance flags, speed; per question and
+keyword match, completeness, overall, ROUGE-L, BLEU-4, compliance flags, speed, whether it ended
+before the token budget (`finished`) and whether it loops (metrics.loops); per question and
 model: the reference answer's mean negative log-likelihood per token (ref_nll, teacher-forced, no
 sampling noise), summarised as exp(mean NLL) = perplexity, so one badly predicted question moves
 the summary by its share and not by its exponent. Per pair of models and metric: wins/ties/losses,
 mean delta with a 95% bootstrap interval, Wilcoxon p-value; the reference metric's statistics run
-on the NLL. A metric that cannot be measured for a question (keywords without a keyword list,
-ROUGE without a reference) is None there and left out of its means and statistics.
+on the NLL; for the yes/no outcomes (ends, loops): their shares and McNemar's exact test. A metric
+that cannot be measured for a question (keywords without a keyword list, ROUGE without a reference)
+is None there and left out of its means and statistics.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ log = logging.getLogger(__name__)
 
 # (metric, higher is better): the quality metrics that get paired statistics
 QUALITY = (("overall", True), ("keyword_match", True), ("completeness", True), ("rouge_l", True), ("bleu4", True), ("ref_nll", False))
-LOWER_IS_BETTER = frozenset(key for key, higher in QUALITY if not higher) | {"ref_perplexity"}
+# yes/no outcome -> (the answer's field, higher is better): shares in the summary, McNemar per pair
+BINARY = {"ends": ("finished", True), "loops": ("loops", False)}
+LOWER_IS_BETTER = frozenset(key for key, higher in QUALITY if not higher) | {"ref_perplexity", "loops"}
 SPEED = ("response_seconds", "first_token_seconds", "tokens_per_second")
 BREAKDOWNS = ("language", "category")  # the question fields a report groups its means by
 BREAKDOWN_KEYS = ("overall", "keyword_match", "rouge_l", "bleu4", "ref_nll", "ref_perplexity")
@@ -67,6 +71,7 @@ def score(example: Example, gen: Generation, nll: float | None, rules: list[comp
         "tokens": gen.new_tokens,
         "tokens_per_second": round(gen.tokens_per_second, 2),
         "finished": gen.finished,
+        "loops": metrics.loops(gen.text),
     }
 
 
@@ -150,14 +155,18 @@ def _mean(values) -> float | None:
 
 def summarize(questions: list[dict], models: list[str]) -> dict:
     """Mean of every metric per model (over the questions where it was measured), reference
-    perplexity as exp(mean NLL), and compliance flag counts."""
+    perplexity as exp(mean NLL), the share and count of answers that ended and that loop, and
+    compliance flag counts."""
     summary = {}
     for m in models:
         rows = [q["answers"][m] for q in questions]
         s = {key: _mean(r[key] for r in rows) for key, _ in QUALITY}  # None: measured on no question
         s["ref_perplexity"] = None if s["ref_nll"] is None else perplexity(s["ref_nll"])
         s.update({key: _mean(r[key] for r in rows) for key in SPEED})
-        s["finished"] = sum(r["finished"] for r in rows)
+        s["finished"] = sum(r["finished"] for r in rows)  # = ends_count, kept for reports before format 5
+        for key, (field, _) in BINARY.items():
+            s[f"{key}_count"] = sum(bool(r[field]) for r in rows)
+            s[key] = s[f"{key}_count"] / len(rows) if rows else None
         flags: dict[str, int] = {}
         for r in rows:
             for f in r["compliance_flags"]:
@@ -182,13 +191,17 @@ def breakdowns(questions: list[dict], models: list[str]) -> dict:
 
 
 def compare_pair(questions: list[dict], a: str, b: str) -> dict:
-    """Paired statistics of b against a, for every quality metric (questions with a value for both)."""
-    result = {"a": a, "b": b, "metrics": {}}
+    """Paired statistics of b against a: Wilcoxon and bootstrap for every quality metric (questions
+    with a value for both), McNemar for the yes/no outcomes (BINARY)."""
+    result = {"a": a, "b": b, "metrics": {}, "binary": {}}
     for key, higher in QUALITY:
         pairs = [(q["answers"][a][key], q["answers"][b][key]) for q in questions]
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         if len(pairs) >= 2:  # reference metrics need questions with reference answers
             result["metrics"][key] = statistics.paired([x for x, _ in pairs], [y for _, y in pairs], higher, key).to_dict() | {"n": len(pairs)}
+    for key, (field, higher) in BINARY.items():
+        result["binary"][key] = statistics.mcnemar([bool(q["answers"][a][field]) for q in questions],
+                                                   [bool(q["answers"][b][field]) for q in questions], key, higher)
     return result
 
 
@@ -257,14 +270,14 @@ def run_compare(
     pairs = [("base", name) for name in loaded.adapter_names]
     pairs += [(a, b) for i, a in enumerate(loaded.adapter_names) for b in loaded.adapter_names[i + 1 :]]
     return {
-        "format": "banklora-compare/4",
+        "format": "banklora-compare/5",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": models,
         "adapters": {name: {"path": str(p), "meta": _meta_summary(p)} for name, p in zip(loaded.adapter_names, paths)},
         "base_model": {"name": loaded.base.name, "sha256": loaded.base.sha256},
         "questions_source": list(questions),
         "split": split,
-        "generation": asdict(settings) | {"greedy": settings.temperature == 0, "batch_size": batch_size},
+        "generation": asdict(settings) | {"greedy": settings.temperature == 0, "decoding": settings.decoding(), "batch_size": batch_size},
         "device": str(loaded.device),
         "metric_definitions": {
             "overall": "0.6 x keyword_match + 0.4 x completeness (completeness alone for a question without keywords)",
@@ -274,6 +287,10 @@ def run_compare(
             "bleu4": "sentence BLEU-4 vs the reference, sacrebleu zh tokenizer, 0..1",
             "ref_nll": "mean negative log-likelihood per token of the reference answer given the question (lower is better)",
             "ref_perplexity": "exp(ref_nll): per question, and exp(mean ref_nll) in the summary",
+            "ends": "share of answers that ended with the end-of-turn token before the token budget (count: ends_count); McNemar per pair",
+            "loops": ("share of answers that are repetition loops (count: loops_count; lower is better): a span repeated back to back "
+                      f"with >= {metrics.LOOP_BACK_TO_BACK} units after its first copy, or a span of >= {metrics.LOOP_ANYWHERE} units "
+                      "occurring twice; units are CJK characters and English words, punctuation and list markers dropped; McNemar per pair"),
         },
         "compliance_rules": [{"id": r.id, "kind": r.kind, "description": r.description} for r in rules],
         "summary": summarize(rows, models),
@@ -293,7 +310,8 @@ def _meta_summary(path: str) -> dict:
 
 
 def gate(report: dict, fail_below: dict[str, float], fail_on_regression: bool) -> list[str]:
-    """Reasons a CI pipeline should fail: an adapter under a threshold, or significantly worse than base."""
+    """Reasons a CI pipeline should fail: an adapter under a threshold, or significantly worse than
+    base (on a quality metric, or on ends or loops)."""
     reasons = []
     for name in report["models"][1:]:
         for key, threshold in fail_below.items():
@@ -310,12 +328,17 @@ def gate(report: dict, fail_below: dict[str, float], fail_on_regression: bool) -
                 s = c["metrics"].get(key)
                 if s and s["significant"] and (s["mean_delta"] > 0) != higher:
                     reasons.append(f"{c['b']} is significantly worse than base on {key} ({s['verdict']})")
+            for key, (_, higher) in BINARY.items():
+                s = c["binary"][key]
+                if s["significant"] and (s["mean_delta"] > 0) != higher:
+                    reasons.append(f"{c['b']} is significantly worse than base on {key} ({s['verdict']})")
     return reasons
 
 
 def parse_thresholds(items: list[str]) -> dict[str, float]:
-    """--fail-below rouge_l=0.2 (repeatable) -> {"rouge_l": 0.2}."""
-    names = {k for k, higher in QUALITY if higher}
+    """--fail-below rouge_l=0.2 (repeatable) -> {"rouge_l": 0.2}; ends=0.9: at least 90% of the
+    answers end before the token budget."""
+    names = {k for k, higher in QUALITY if higher} | {k for k, (_, higher) in BINARY.items() if higher}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -334,7 +357,8 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
 
     models = report["models"]
     last = models[-1]
-    table = Table(title=f"{len(report['questions'])} questions, greedy, same prompts and token budget ({report['generation']['max_new_tokens']} tokens)")
+    table = Table(title=f"{len(report['questions'])} questions, {report['generation'].get('decoding', 'greedy')}, same prompts and token budget "
+                        f"({report['generation']['max_new_tokens']} tokens)")
     for col in ("#", "category", "question", *[f"overall {m}" for m in models], f"Δ {last}", "keywords b→t", "rouge-L b→t", "ppl b→t"):
         table.add_column(col, justify="left" if col in ("category", "question") else "right")
     for i, q in enumerate(report["questions"], 1):
@@ -361,6 +385,8 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
         means.add_column(m, justify="right")
     for key in summary_keys():
         means.add_row(key, *[fmt(report["summary"][m][key], ".3f") for m in models])
+    for key in BINARY:
+        means.add_row(key, *[share(report, m, key) for m in models])
     means.add_row("compliance flags", *[str(sum(report["summary"][m]["compliance_flags"].values())) for m in models])
     console.print(means)
     groups = Table(title="means per language and category (" + " → ".join(models) + ")")
@@ -377,6 +403,13 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
             stats.add_row(key, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
                           f"{s['wins']}/{s['ties']}/{s['losses']}", "significant" if s["significant"] else "not significant")
         console.print(stats)
+        outcomes = Table(title=f"{c['b']} vs {c['a']}: answers that end (higher is better) and that loop (lower is better)")
+        for col in ("outcome", c["a"], c["b"], "95% CI of Δ", "p (McNemar)", f"only {c['b']} / only {c['a']}", "finding"):
+            outcomes.add_column(col, justify="left" if col in ("outcome", "finding") else "right")
+        for key, s in c["binary"].items():
+            outcomes.add_row(key, f"{s['a_rate']:.3f}", f"{s['b_rate']:.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
+                             f"{s['b_only']} / {s['a_only']}", binary_finding(s, key))
+        console.print(outcomes)
     knowledge.print_knowledge(report, console)
 
 
@@ -396,6 +429,19 @@ def summary_keys() -> list[str]:
     """The means a report shows, in order: quality (reference perplexity beside its NLL), then speed."""
     keys = [k for k, _ in QUALITY]
     return keys[: keys.index("ref_nll") + 1] + ["ref_perplexity"] + list(SPEED)
+
+
+def share(report: dict, model: str, key: str) -> str:
+    """A yes/no outcome's share with its count, e.g. "0.875 (7/8)"."""
+    s = report["summary"][model]
+    return "n/a" if s[key] is None else f"{s[key]:.3f} ({s[f'{key}_count']}/{len(report['questions'])})"
+
+
+def binary_finding(s: dict, key: str) -> str:
+    """McNemar's finding in two or three words: "significantly better", "significantly worse", "not significant"."""
+    if not s["significant"]:
+        return "not significant"
+    return "significantly " + ("better" if (s["mean_delta"] > 0) == BINARY[key][1] else "worse")
 
 
 def fmt(value, spec: str) -> str:

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 from banklora.data.stats import CATEGORY_EN
-from banklora.evaluation.compare import BREAKDOWN_SHOWN, LOWER_IS_BETTER, breakdown_rows, fmt, summary_keys
+from banklora.evaluation.compare import BINARY, BREAKDOWN_SHOWN, LOWER_IS_BETTER, binary_finding, breakdown_rows, fmt, share, summary_keys
 from banklora.evaluation.knowledge import knowledge_markdown
 from banklora.io import atomic_write_text, to_json
 
@@ -33,10 +33,12 @@ def markdown(report: dict) -> str:
     models = report["models"]
     lines = [f"# banklora compare: {', '.join(models[1:])} vs base", "",
              f"{len(report['questions'])} questions ({', '.join(report['questions_source'])}"
-             + (f", split {report['split']}" if report["split"] else "") + f"); greedy, {report['generation']['max_new_tokens']} new tokens; base model {report['base_model']['name']}.", "",
+             + (f", split {report['split']}" if report["split"] else "") + f"); {report['generation'].get('decoding', 'greedy')}, {report['generation']['max_new_tokens']} new tokens; base model {report['base_model']['name']}.", "",
              "## Means per model", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for key in summary_keys():
         lines.append(f"| {key} | " + " | ".join(fmt(report["summary"][m][key], ".3f") for m in models) + " |")
+    for key in BINARY:
+        lines.append(f"| {key} | " + " | ".join(share(report, m, key) for m in models) + " |")
     lines.append("| compliance flags | " + " | ".join(str(sum(report["summary"][m]["compliance_flags"].values())) for m in models) + " |")
     lines += ["", "## Means per language and category", "", f"Each cell: {' → '.join(models)}.", "",
               "| group | n | " + " | ".join(BREAKDOWN_SHOWN) + " |", "|---|---:|" + "---:|" * len(BREAKDOWN_SHOWN)]
@@ -46,7 +48,10 @@ def markdown(report: dict) -> str:
         lines += ["", f"## {c['b']} vs {c['a']}", "", "| metric | mean Δ | 95% CI | p | win/tie/loss |", "|---|---:|---:|---:|---:|"]
         for key, s in c["metrics"].items():
             lines.append(f"| {key} | {s['mean_delta']:+.3f} | [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] | {s['p_value']:.3g} | {s['wins']}/{s['ties']}/{s['losses']} |")
-        lines += [""] + [f"- {s['verdict']}" for s in c["metrics"].values()]
+        lines += ["", f"| outcome | {c['a']} | {c['b']} | 95% CI of Δ | p (McNemar) | only {c['b']} / only {c['a']} |", "|---|---:|---:|---:|---:|---:|"]
+        for key, s in c["binary"].items():
+            lines.append(f"| {key} | {s['a_rate']:.3f} | {s['b_rate']:.3f} | [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] | {s['p_value']:.3g} | {s['b_only']} / {s['a_only']} |")
+        lines += [""] + [f"- {s['verdict']}" for s in [*c["metrics"].values(), *c["binary"].values()]]
     lines += knowledge_markdown(report)
     return "\n".join(lines) + "\n"
 
@@ -114,10 +119,11 @@ img{max-width:100%;display:block;margin:8px 0}
 </style></head><body>
 <h1>banklora compare: {{ models[1:]|join(", ") }} vs base</h1>
 <p>{{ questions|length }} questions ({{ report.questions_source|join(", ") }}{% if report.split %}, split {{ report.split }}{% endif %}),
-greedy, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.base_model.name }}, {{ report.created_at }}.</p>
+{{ report.generation.decoding or "greedy" }}, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.base_model.name }}, {{ report.created_at }}.</p>
 <h2>Means per model</h2>
 <table id="means"><tr><th>metric</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
 {% for key in quality %}<tr><td class="text">{{ key }}</td>{% for m in models %}<td>{{ fmt(report.summary[m][key], ".3f") }}</td>{% endfor %}</tr>{% endfor %}
+{% for key in binary %}<tr><td class="text">{{ key }}</td>{% for m in models %}<td>{{ share(report, m, key) }}</td>{% endfor %}</tr>{% endfor %}
 <tr><td class="text">compliance flags</td>{% for m in models %}<td>{{ report.summary[m].compliance_flags.values()|sum }}</td>{% endfor %}</tr></table>
 <h2>Means per language and category</h2>
 <p>Each cell: {{ models|join(" → ") }}.</p>
@@ -127,7 +133,11 @@ greedy, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.
 <table class="stats"><tr><th>metric</th><th>mean Δ</th><th>95% CI</th><th>p (Wilcoxon)</th><th>win/tie/loss</th><th>finding</th></tr>
 {% for key, s in c.metrics.items() %}<tr><td class="text">{{ key }}</td><td>{{ "%+.3f"|format(s.mean_delta) }}</td>
 <td>[{{ "%+.3f"|format(s.ci_low) }}, {{ "%+.3f"|format(s.ci_high) }}]</td><td>{{ "%.3g"|format(s.p_value) }}</td>
-<td>{{ s.wins }}/{{ s.ties }}/{{ s.losses }}</td><td class="text {{ 'good' if s.significant and ((s.mean_delta > 0) != (key in lower_is_better)) else ('bad' if s.significant else '') }}">{{ s.verdict }}</td></tr>{% endfor %}</table>{% endfor %}
+<td>{{ s.wins }}/{{ s.ties }}/{{ s.losses }}</td><td class="text {{ 'good' if s.significant and ((s.mean_delta > 0) != (key in lower_is_better)) else ('bad' if s.significant else '') }}">{{ s.verdict }}</td></tr>{% endfor %}</table>
+<table class="outcomes"><tr><th>outcome</th><th>{{ c.a }}</th><th>{{ c.b }}</th><th>95% CI of Δ</th><th>p (McNemar)</th><th>only {{ c.b }} / only {{ c.a }}</th><th>finding</th></tr>
+{% for key, s in c.binary.items() %}{% set finding = binary_finding(s, key) %}<tr><td class="text">{{ key }}</td><td>{{ "%.3f"|format(s.a_rate) }}</td><td>{{ "%.3f"|format(s.b_rate) }}</td>
+<td>[{{ "%+.3f"|format(s.ci_low) }}, {{ "%+.3f"|format(s.ci_high) }}]</td><td>{{ "%.3g"|format(s.p_value) }}</td><td>{{ s.b_only }} / {{ s.a_only }}</td>
+<td class="text {{ 'good' if finding.endswith('better') else ('bad' if finding.endswith('worse') else '') }}">{{ s.verdict }}</td></tr>{% endfor %}</table>{% endfor %}
 {% set k = report.knowledge %}{% if k %}<h2>Knowledge test ({{ k.sources|join(", ") }})</h2>
 <p>Accuracy; each option scored by its likelihood as the answer, chance {{ "%.2f"|format(k.chance) }}.</p>
 <table id="knowledge"><tr><th>part</th><th>n</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
@@ -151,5 +161,5 @@ def html(report: dict) -> str:
 
     template = Environment(autoescape=True).from_string(_TEMPLATE)
     return template.render(report=report, models=report["models"], questions=report["questions"],
-                           quality=summary_keys(), lower_is_better=LOWER_IS_BETTER, charts=charts(report), fmt=fmt,
+                           quality=summary_keys(), binary=BINARY, share=share, binary_finding=binary_finding, lower_is_better=LOWER_IS_BETTER, charts=charts(report), fmt=fmt,
                            breakdown_shown=BREAKDOWN_SHOWN, breakdown_rows=breakdown_rows(report))
