@@ -38,7 +38,7 @@ def training_metadata(run, wall: float) -> dict:
         "name": Path(s.output_dir).name,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": {"name": base.name, "path": str(base.path), "sha256": base.sha256, "hub_id": base.hub_id},
-        "lora": s.lora.__dict__ | {"target_modules": list(s.lora.target_modules)},
+        "lora": s.lora.__dict__ | {"target_modules": list(s.lora.target_modules), "train_tokens": list(s.lora.train_tokens)},
         "training": {k: v for k, v in s.to_dict().items() if k != "lora"} | {
             "steps": run.total, "steps_done": state.step, "warmup_steps_used": run.warmup, "trainable_parameters": sum(p.numel() for p in run.peft_model.parameters() if p.requires_grad),
             "processes": run.accelerator.num_processes, "global_batch": s.batch_size * run.accelerator.num_processes,
@@ -101,7 +101,8 @@ def model_card(meta: dict, adapter_config: dict) -> str:
         "## Settings",
         "",
         f"- LoRA: r {lora.get('r')}, alpha {lora.get('alpha')}, dropout {lora.get('dropout')}, bias {lora.get('bias')}, "
-        f"targets {', '.join(lora.get('target_modules', []))}" + (", rsLoRA" if lora.get("use_rslora") else "") + (", DoRA" if lora.get("use_dora") else ""),
+        f"targets {', '.join(lora.get('target_modules', []))}" + (", rsLoRA" if lora.get("use_rslora") else "") + (", DoRA" if lora.get("use_dora") else "")
+        + (f"; token rows trained: {', '.join(lora['train_tokens'])}" if lora.get("train_tokens") else "; no token rows trained"),
         f"- training: {training.get('steps_done', '?')} of {training.get('steps', '?')} steps, {training.get('epochs')} epochs, "
         f"batch {training.get('batch_size')} x {training.get('processes', 1)} process(es), lr {training.get('lr')}, "
         f"max length {training.get('max_length')}, seed {training.get('seed')}, {meta.get('dtype', '?')} on {meta.get('device', '?')}",
@@ -112,6 +113,10 @@ def model_card(meta: dict, adapter_config: dict) -> str:
         f"- validation loss: {_number(validation[-1]['loss'])} at step {validation[-1]['step']}"
         + (f"; best {best['loss']:.4f} at step {best['step']} (kept in best/)" if best else "") if validation else "- validation loss: no validation split",
     ]
+    turn = meta.get("turn_end")
+    if turn:
+        lines.append(f"- ends its turn: P(<end_of_turn>) after a validation answer {turn['mean_probability']:.3f} (median rank "
+                     f"{turn['median_rank']:g}); {turn['ended']} of {turn['prompts']} greedy validation answers ended within {turn['budget']} tokens, {turn.get('looped', 0)} looped")
     lines += _evaluation(meta.get("evaluation"))
     lines += [
         "",
@@ -150,24 +155,32 @@ def _evaluation(evaluation: dict | None) -> list[str]:
     for key, row in evaluation["metrics"].items():
         base, tuned = (f"{v:.3f}" if isinstance(v, (int, float)) else "n/a" for v in (row["base"], row["adapter"]))
         lines.append(f"| {key} | {base} | {tuned} | {row.get('finding', '')} |")
+    if "loops" in evaluation["metrics"]:
+        lines += ["", "ends: share of answers that ended before the token budget; loops: share of answers caught in a "
+                      "repetition loop (lower is better); their findings are McNemar's exact test."]
     return lines
 
 
 def record_evaluation(adapter_dir: Path, report: dict, name: str) -> None:
     """Put a compare report's summary for adapter `name` into its metadata and model card."""
+    from banklora.evaluation.compare import binary_finding
     from banklora.io import atomic_write_json, atomic_write_text
     from banklora.modeling import META_FILE, _adapter_config, read_meta
 
     meta = read_meta(adapter_dir)
     if not meta:  # not a banklora adapter: its files are not ours to rewrite
         return
-    findings = next((c["metrics"] for c in report["comparisons"] if c["a"] == "base" and c["b"] == name), {})
+    pair = next((c for c in report["comparisons"] if c["a"] == "base" and c["b"] == name), {})
+    findings, outcomes = pair.get("metrics", {}), pair.get("binary", {})
     summary = report["summary"]
     rows = {}
     for key in ("overall", "keyword_match", "rouge_l", "bleu4", "ref_perplexity"):
         stats = findings.get("ref_nll" if key == "ref_perplexity" else key)
         finding = "n/a" if stats is None else ("significantly " + ("better" if (stats["mean_delta"] > 0) == (key != "ref_perplexity") else "worse")
                                                 if stats["significant"] else "not significant") + f", {stats['wins']}/{stats['ties']}/{stats['losses']}"
+        rows[key] = {"base": summary["base"][key], "adapter": summary[name][key], "finding": finding}
+    for key, stats in outcomes.items():  # ends, loops
+        finding = f"{binary_finding(stats, key)}, only this adapter {stats['b_only']} / only base {stats['a_only']}, McNemar p={stats['p_value']:.3g}"
         rows[key] = {"base": summary["base"][key], "adapter": summary[name][key], "finding": finding}
     rows["compliance flags"] = {"base": sum(summary["base"]["compliance_flags"].values()),
                                 "adapter": sum(summary[name]["compliance_flags"].values())}

@@ -1,4 +1,5 @@
-"""`banklora doctor`: is this machine ready? Versions, device, threads, the model, a generation."""
+"""`banklora doctor`: is this machine ready? Versions, device, threads, the model, a generation;
+with --model-path, does that model end its answers (the turn-end check, evaluation/turn_end.py)?"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ class Check:
     detail: str
 
 
-def run_checks(base_model: str) -> list[Check]:
+def run_checks(base_model: str | None, model_path: str | None = None, data: tuple[str, ...] = ("banking",)) -> list[Check]:
     checks: list[Check] = []
     py_ok = sys.version_info >= (3, 10)
     checks.append(Check("python", py_ok, platform.python_version() + ("" if py_ok else ": banklora needs 3.10 or newer")))
@@ -44,7 +45,7 @@ def run_checks(base_model: str) -> list[Check]:
 
     try:
         start = time.perf_counter()
-        loaded = load(base_model=base_model, verify=True)
+        loaded = load(base_model=base_model or "gemma-3-270m", verify=True)
         checks.append(Check("model", True, f"{loaded.base.name} at {loaded.base.path}, weights sha256 {loaded.base.sha256[:12]} verified "
                                            f"(loaded in {time.perf_counter() - start:.1f} s)"))
     except BankloraError as exc:
@@ -54,4 +55,22 @@ def run_checks(base_model: str) -> list[Check]:
     gen = generate_batch(loaded.model, loaded.tokenizer, [prompt], GenerationSettings(max_new_tokens=16), batch_size=1)[0]
     ok = gen.new_tokens > 0
     checks.append(Check("generation", ok, f"{gen.new_tokens} tokens at {gen.tokens_per_second:.1f} tok/s: {gen.text[:40]!r}"))
+    if model_path is not None:
+        checks.append(turn_end_check(model_path, base_model, data))
     return checks
+
+
+def turn_end_check(model_path: str, base_model: str | None, data: tuple[str, ...]) -> Check:
+    """Does the model at model_path end its answers? The turn-end check on the validation split of `data`."""
+    from banklora.data.dataset import load_examples
+    from banklora.evaluation import turn_end
+    from banklora.modeling import load
+
+    examples = load_examples(list(data), split="validation")
+    if not examples:
+        return Check("turn end", False, f"no validation examples in {', '.join(data)} (split: validation); pass --data with some")
+    loaded = load(model_path, base_model=base_model)
+    start = time.perf_counter()
+    result = turn_end.check(loaded.model, loaded.tokenizer, examples)
+    detail = f"{result.summary()} ({time.perf_counter() - start:.0f} s)"
+    return Check("turn end", result.warning() is None, detail + (f"; {result.warning()}" if result.warning() else ""))

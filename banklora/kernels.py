@@ -8,6 +8,9 @@ Plain PyTorch autograd Functions, installed on a PEFT model for training by `ins
   gate/up), and a bool mask (1 byte), and rebuilds the dropped x in backward.
 - Gemma's MLP gate, gelu_tanh(gate) * up (_GeluMul): keeps gate and up, and recomputes the gelu
   in backward, where autograd would also keep the gelu's output.
+- Trained token rows (PEFT's trainable tokens on the tied embedding / LM head): the base layer's
+  output with those tokens' rows replaced (with_token_rows), where PEFT copies the whole
+  embedding matrix at every call and takes a dense (V, H) gradient through it.
 
 Forward values are the same operations as the modules' own; gradients are equal to autograd's
 within float rounding (tested). The adapter stays a plain PEFT adapter: only the forward of the
@@ -90,13 +93,50 @@ def _gelu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(_GeluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+def with_token_rows(layer, x: torch.Tensor, base: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The output of a layer whose token rows `ids` (k,) are replaced by `rows` (k, H), from its
+    base output `base`: for an embedding, the positions holding those tokens read their row
+    (times the layer's embedding scale: Gemma scales inside the module); for an LM head, those
+    tokens' logits are x @ rows^T. Same values as PEFT's TrainableTokensLayer, which copies the
+    whole (V, H) matrix with the rows replaced at every call (671 MB for Gemma 3 270M in fp32)."""
+    if isinstance(layer, torch.nn.Embedding):
+        hit = x[..., None] == ids  # (..., k)
+        scale = getattr(layer, "embed_scale", 1.0)
+        trained = rows[hit.to(torch.uint8).argmax(-1)] * (scale.to(rows.dtype) if torch.is_tensor(scale) else scale)
+        return torch.where(hit.any(-1, keepdim=True), trained.to(base.dtype), base)
+    return base.index_copy(-1, ids, (x.to(rows.dtype) @ rows.T).to(base.dtype))
+
+
+def _token_rows_forward(self, x: torch.Tensor, active_adapters, *args, **kwargs) -> torch.Tensor:
+    """PEFT's TrainableTokensLayer.forward_adapters through with_token_rows (one adapter, not merged)."""
+    names = [a for a in active_adapters if a in self.trainable_tokens_delta]
+    if self.disable_adapters or self.merged or len(names) != 1 or args or kwargs:
+        return type(self).forward_adapters(self, x, active_adapters, *args, **kwargs)
+    rows = self.trainable_tokens_delta[names[0]]
+    ids = torch.tensor(self.token_indices[names[0]], device=x.device)
+    return with_token_rows(self.base_layer, x, self.base_layer(x), ids, rows)
+
+
+def install_token_rows(peft_model) -> int:
+    """Trained token rows (PEFT's trainable tokens) through with_token_rows, in training and in
+    inference, PEFT's mixed batches included. Returns how many layers were changed."""
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    changed = 0
+    for module in peft_model.modules():
+        if type(module) is TrainableTokensLayer:  # over an embedding, or a head (a plain linear, or the int8 one)
+            module.forward_adapters = types.MethodType(_token_rows_forward, module)
+            changed += 1
+    return changed
+
+
 def install(peft_model) -> int:
     """Route a PEFT model's vanilla LoRA linears and Gemma's gelu_tanh MLPs through the kernels
     above. DoRA, bias-trained, and quantized layers keep PEFT's own forward. Returns how many
     modules were changed."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    changed = 0
+    changed = install_token_rows(peft_model)
     for module in peft_model.modules():
         if (
             type(module) is LoraLinear

@@ -181,8 +181,10 @@ def load(
     return Loaded(model, tokenizer, base, dev, torch_dtype, adapter_dir, meta, names)
 
 
-def add_lora(model, lora, quantized: bool = False):
-    """The base model wrapped with new trainable LoRA layers (PEFT), as `lora` (LoraSettings) says."""
+def add_lora(model, lora, quantized: bool = False, tokenizer=None):
+    """The base model wrapped with new trainable LoRA layers (PEFT), as `lora` (LoraSettings) says,
+    and the embedding rows of `lora.train_tokens` trained beside them (PEFT's trainable tokens,
+    tied to the LM head where the model ties it; `tokenizer` looks their ids up)."""
     from peft import LoraConfig, get_peft_model
 
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "vision" not in name})
@@ -197,9 +199,27 @@ def add_lora(model, lora, quantized: bool = False):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    token_rows = None
+    if lora.train_tokens:
+        embed = next(name for name, m in model.named_modules() if m is model.get_input_embeddings())
+        token_rows = {embed.rsplit(".", 1)[-1]: train_token_ids(tokenizer, lora.train_tokens)}
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, target_modules=targets,
-                        use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM")
+                        use_rslora=lora.use_rslora, use_dora=lora.use_dora, trainable_token_indices=token_rows, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def train_token_ids(tokenizer, tokens: tuple[str, ...]) -> list[int]:
+    """The ids of --train-tokens in this tokenizer: each must be one token the tokenizer knows."""
+    if tokenizer is None:
+        raise ValueError("train_tokens needs the tokenizer to look their ids up")
+    ids = []
+    for token in tokens:
+        i = tokenizer.convert_tokens_to_ids(token)
+        if i is None or i == tokenizer.unk_token_id:
+            raise UsageError(f"--train-tokens: {token!r} is not a token of this tokenizer; name control tokens such as "
+                             f"<start_of_turn>,<end_of_turn>,<eos>, or pass --train-tokens none")
+        ids.append(int(i))
+    return ids
 
 
 def _check_qlora(device: torch.device) -> None:

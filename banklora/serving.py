@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from banklora import kernels
 from banklora.errors import UsageError
 
 
@@ -63,6 +64,8 @@ def apply(model, settings: ServingSettings, device: torch.device, adapters: int)
         decode_linears(model, fp16=settings.fp16_weights)  # a plain model here: no LoRA layers to keep intact
     elif settings.stacked:
         stack_adapters(model, decode=device.type == "cpu")
+    elif hasattr(model, "peft_config"):
+        kernels.install_token_rows(model)  # trained turn-token rows without copying the embedding at every step
     return model
 
 
@@ -75,9 +78,11 @@ def int8_head(model) -> None:
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     head = model.get_output_embeddings()
+    rows = getattr(head, "token_adapter", None)  # an adapter trains some of the head's rows (the turn tokens): they stay fp32
+    parent, name = (rows, "base_layer") if rows is not None else _parent_of(model, head)
+    head = getattr(parent, name)
     if type(head) is not torch.nn.Linear:
         raise UsageError(f"--int8: the LM head is a {type(head).__name__}, not a plain linear layer (an adapter that trains it?); drop --int8")
-    parent, name = _parent_of(model, head)
     head.qconfig = per_channel_dynamic_qconfig  # one scale per output row: one per tensor ruins Gemma's answers (measured)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's notice that its quantized tensor types will move
@@ -177,11 +182,40 @@ def stack_adapters(model, decode: bool) -> int:
         module._banklora_stack = _Stack(a, b, owners, decode, masks)
         module.forward = types.MethodType(_stacked_forward, module)
         stacked += 1
+    from peft.utils.other import TrainableTokensWrapper
+
+    for module in model.modules():
+        if type(module) is TrainableTokensWrapper:
+            module._banklora_decode = decode
+            module.forward = types.MethodType(_stacked_tokens_forward, module)
+    kernels.install_token_rows(model)  # calls without adapter_names (one adapter active)
     head = model.get_output_embeddings()
     if decode and type(head) is torch.nn.Linear:
         parent, name = _parent_of(model, head)
         setattr(parent, name, DecodeLinear(head, fp16=False))
     return stacked
+
+
+def _stacked_tokens_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A PEFT TrainableTokensWrapper (an embedding or LM head with trained token rows: Gemma's turn
+    tokens) answering a batch whose rows name their adapters: the base layer's output once for the
+    whole batch, then each adapter's rows replaced in its own batch rows (kernels.with_token_rows).
+    PEFT computes the base once per adapter in the batch, each with a full copy of the matrix."""
+    names = kwargs.get("adapter_names")
+    layer = self.token_adapter
+    if names is None or args or len(kwargs) > 1 or self.disable_adapters or layer.merged or self.training:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = layer.base_layer
+    linear = isinstance(base, torch.nn.Linear)
+    out = decode_product(x, base.weight, base.bias) if linear and self._banklora_decode else base(x)
+    for name in dict.fromkeys(names):
+        if name not in layer.trainable_tokens_delta:  # "__base__", or an adapter without trained rows
+            continue
+        rows = layer.trainable_tokens_delta[name]
+        mine = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        ids = torch.tensor(layer.token_indices[name], device=x.device)
+        out = out.index_copy(0, mine, kernels.with_token_rows(base, x.index_select(0, mine), out.index_select(0, mine), ids, rows))
+    return out
 
 
 def _stacked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -28,7 +28,7 @@ from banklora.data.batching import collate, epoch_batches
 from banklora.data.dataset import dataset_hash, load_examples
 from banklora.data.prepare import Prepared, prepare
 from banklora.errors import BankloraError, UsageError
-from banklora.modeling import add_lora, load, load_tokenizer, save_adapter
+from banklora.modeling import add_lora, load, load_tokenizer, save_adapter, train_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def _setup_data(settings: TrainSettings) -> tuple[list, Prepared, list, list, ob
     """1) the data, checked (privacy, duplicates, lengths, --strict) before any weights load."""
     examples = load_examples(settings.data)
     tokenizer = load_tokenizer(settings.base_model)
+    train_token_ids(tokenizer, settings.lora.train_tokens)  # a token the tokenizer lacks: a sentence before any weights load
     data = prepare(examples, tokenizer, settings.max_length, strict=settings.strict, redact=settings.redact)
     encoded, validation = data.split("train")[1], data.split("validation")[1]
     if not encoded:
@@ -153,7 +154,7 @@ def _setup_model(run: _Run) -> None:
         kernels.return_freed_memory()
     torch.manual_seed(s.seed)  # LoRA's initialisation
     run.loaded = load(s.base_model, dtype=s.dtype, training=True, device=str(acc.device), quantize=s.quantize, verify=True, tokenizer=run.tokenizer)
-    run.peft_model = add_lora(run.loaded.model, s.lora, quantized=bool(s.quantize))
+    run.peft_model = add_lora(run.loaded.model, s.lora, quantized=bool(s.quantize), tokenizer=run.loaded.tokenizer)
     # a name other machines can resolve (the hub id the base came from); the local path and sha256 are in the metadata
     run.peft_model.peft_config["default"].base_model_name_or_path = run.loaded.base.hub_id
     kernels.install(run.peft_model)  # same math, less kept for backward (banklora/kernels.py)
@@ -391,10 +392,26 @@ def _validate(run: _Run, bar) -> bool:
 # save
 
 
+def _turn_end(run: _Run) -> dict:
+    """The turn-end check on the validation split (banklora/evaluation/turn_end.py): logged, in
+    metrics.jsonl, and returned for the metadata; a warning names the fix when answers do not end."""
+    from banklora.evaluation import turn_end
+
+    start = time.perf_counter()
+    result = turn_end.check(run.peft_model, run.loaded.tokenizer, run.data.split("validation")[0], budget=run.settings.turn_end_budget)
+    log.info("turn-end check on %d validation examples (%.0f s): %s", result.prompts, time.perf_counter() - start, result.summary())
+    if result.warning():
+        log.warning(result.warning())
+    progress.append(run.settings.checkpoints / progress.METRICS_FILE, {"step": run.state.step, "turn_end": result.to_dict()})
+    return result.to_dict()
+
+
 def _save(run: _Run, wall: float, stopped_early: bool) -> TrainResult:
     s, acc, state = run.settings, run.accelerator, run.state
     run.peft_model.eval()
     meta = card.training_metadata(run, wall) | {"stopped_early": stopped_early}
+    if acc.is_main_process and s.turn_end_budget and run.validation and not _engine(acc):
+        meta["turn_end"] = _turn_end(run)
     output = Path(s.output_dir)
     full = acc.get_state_dict(run.module) if _engine(acc) == "fsdp" else None  # every process takes part in the gather
     if acc.is_main_process:

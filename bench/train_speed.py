@@ -131,7 +131,7 @@ def banklora_first(args) -> dict:
 
     _, encoded = _examples(args.data, args.batch_size)
     loaded = load(None, training=True)
-    model = add_lora(loaded.model, LoraSettings()).eval()
+    model = add_lora(loaded.model, LoraSettings(), tokenizer=loaded.tokenizer).eval()
     kernels.install(model)
     with torch.no_grad():
         return {"first_batch_loss": answer_loss(model, collate(encoded, loaded.tokenizer.pad_token_id)).item()}

@@ -89,6 +89,18 @@ def tiny_adapter(tmp_path_factory, tiny_base) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_lora_only_adapter(tmp_path_factory, tiny_base) -> Path:
+    """tiny_adapter's run with LoRA alone (--train-tokens none): what llama.cpp's LoRA GGUF can carry."""
+    from banklora.config import TrainSettings
+    from banklora.train import train
+
+    out = tmp_path_factory.mktemp("adapters") / "tiny-lora-only"
+    train(TrainSettings(base_model=str(tiny_base), output_dir=str(out), max_steps=3, batch_size=2, lr=1e-3, lora={"train_tokens": ()},
+                        turn_end_budget=0), show_progress=False)
+    return out
+
+
 def seed_batch(tokenizer, n: int = 4) -> dict:
     """The first n banking-seed pairs as one training batch (input_ids, attention_mask, labels)."""
     from banklora.data.dataset import load_examples

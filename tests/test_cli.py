@@ -13,6 +13,7 @@ from conftest import cli, run_cli
 from banklora.chat import Conversation, repl
 from banklora.config import GenerationSettings
 from banklora.data.format import encode_prompt
+from banklora.config import CHAT_REPETITION_PENALTY
 from banklora.generate import generate_batch
 from banklora.modeling import load
 
@@ -90,8 +91,48 @@ def test_chat_one_shot_prompt_on_tiny_adapter(tiny_adapter):
     # the CLI prints exactly the greedy answer of the adapter it loaded
     loaded = load(str(tiny_adapter))
     prompt = encode_prompt(loaded.tokenizer, "怎么开户？")
-    expected = generate_batch(loaded.model, loaded.tokenizer, [prompt], GenerationSettings(max_new_tokens=5))[0]
-    assert result.stdout.strip() == expected.text
+    expected = generate_batch(loaded.model, loaded.tokenizer, [prompt], GenerationSettings(max_new_tokens=5, repetition_penalty=CHAT_REPETITION_PENALTY))[0]
+    assert result.stdout.strip() == expected.text  # chat's default repetition penalty included
+
+
+def test_chat_penalty_flags_reach_the_generation_settings(monkeypatch):
+    """The flags as parsed reach the answer's settings (the answer itself: test_serve's penalty test)."""
+    import banklora.chat
+    import banklora.modeling
+
+    seen = []
+    monkeypatch.setattr(banklora.modeling, "load", lambda *args, **kwargs: None)
+    monkeypatch.setattr(banklora.chat, "answer_once", lambda loaded, prompt, settings, stream, out: seen.append(settings))
+    for flags, expected in (((), (CHAT_REPETITION_PENALTY, 0.0, 0.0)),  # chat curbs loops by default
+                            (("--repetition-penalty", "1.3", "--frequency-penalty", "0.5", "--presence-penalty", "-0.5"), (1.3, 0.5, -0.5))):
+        result = cli("chat", "--prompt", "你好", *flags)
+        assert result.returncode == 0, result.stderr
+        assert (seen[-1].repetition_penalty, seen[-1].frequency_penalty, seen[-1].presence_penalty) == expected
+    for flag, value, sentence in (("--repetition-penalty", "0", "--repetition-penalty must be positive"),
+                                  ("--frequency-penalty", "2.5", "--frequency-penalty must be in [-2, 2]"),
+                                  ("--presence-penalty", "-3", "--presence-penalty must be in [-2, 2]")):
+        result = cli("chat", "--prompt", "你好", flag, value)  # refused before any model loads
+        message = " ".join(result.stderr.split())
+        assert result.returncode == 2 and sentence in message and f"(got {value})" in message, result.stderr
+    assert len(seen) == 2
+
+
+def test_compare_stays_greedy_unless_a_penalty_is_given_and_the_report_says_so(tiny_adapter, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)  # compare writes its results into the adapter's card
+    report = tmp_path / "r.json"
+    result = cli("compare", "--peft-model-path", str(adapter), "--limit", "2", "--knowledge", "none", "--max-new-tokens", "6",
+                 "--no-answers", "--repetition-penalty", "1.3", "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    generation = json.loads(report.read_text())["generation"]
+    assert generation["repetition_penalty"] == 1.3 and generation["frequency_penalty"] == 0 and generation["temperature"] == 0
+    assert generation["decoding"] == "greedy, repetition_penalty 1.3"
+    assert "; greedy, repetition_penalty 1.3, 6 new tokens;" in report.with_suffix(".md").read_text()
+    assert "greedy, repetition_penalty 1.3, 6 new tokens" in report.with_suffix(".html").read_text()
+    assert "greedy, repetition_penalty 1.3" in result.stdout
+    assert GenerationSettings().decoding() == "greedy"  # the default compare's header, as before
 
 
 def test_repl_commands_history_and_reset(tiny_adapter):

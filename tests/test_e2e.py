@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import cli
 
-from banklora.config import GenerationSettings, TrainSettings
+from banklora.config import CHAT_REPETITION_PENALTY, GenerationSettings, TrainSettings
 from banklora.data.dataset import load_examples
 from banklora.data.format import encode_prompt
 from banklora.evaluation.compare import run_compare
@@ -77,5 +77,6 @@ def test_compare_and_chat_through_the_cli(adapter):
     chat = cli("chat", "--model-path", str(adapter), "--prompt", "如何开立银行账户？", "--max-new-tokens", "8", "--temperature", "0", "--no-stream")
     assert chat.returncode == 0, chat.stderr
     merged = load(str(adapter), serve=ServingSettings(merge=True))  # what chat loads
-    expected = generate_batch(merged.model, merged.tokenizer, [encode_prompt(merged.tokenizer, "如何开立银行账户？")], GenerationSettings(max_new_tokens=8))
+    expected = generate_batch(merged.model, merged.tokenizer, [encode_prompt(merged.tokenizer, "如何开立银行账户？")],
+                              GenerationSettings(max_new_tokens=8, repetition_penalty=CHAT_REPETITION_PENALTY))  # chat's default penalty
     assert chat.stdout.strip() == expected[0].text != ""

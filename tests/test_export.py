@@ -22,12 +22,14 @@ TOL = {"f32": 1e-4, "f16": 0.05, "q8_0": 0.25}  # max |logit difference| against
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, tiny_adapter, tiny_base):
+def exports(tmp_path_factory, tiny_adapter, tiny_lora_only_adapter, tiny_base):
+    """Merged exports of tiny_adapter (LoRA and trained turn-token rows), LoRA GGUFs of the LoRA-only adapter."""
     root = tmp_path_factory.mktemp("exports")
     out = {}
     for fmt, kind in (("hf", None), ("gguf", "f32"), ("gguf", "q8_0"), ("gguf-lora", "f32"), ("gguf-lora", "q8_0")):
         path = root / f"{fmt}-{kind}"
-        args = ["export", "--model-path", str(tiny_adapter), "--base-model", str(tiny_base), "--format", fmt, "--output", str(path)]
+        adapter = tiny_lora_only_adapter if fmt == "gguf-lora" else tiny_adapter
+        args = ["export", "--model-path", str(adapter), "--base-model", str(tiny_base), "--format", fmt, "--output", str(path)]
         result = cli(*args, *(["--type", kind] if kind else []))
         assert result.returncode == 0, result.stderr
         out[(fmt, kind)] = path
@@ -61,7 +63,7 @@ def _run(model, tokenizer):
     return out
 
 
-def test_the_merged_checkpoint_loads_in_plain_transformers_with_the_adapters_logits(exports, reference, tokenizer, tiny_base):
+def test_the_merged_checkpoint_loads_in_plain_transformers_with_the_adapters_logits(exports, reference, tokenizer, tiny_base, tiny_adapter):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     path = exports[("hf", None)]
@@ -82,6 +84,11 @@ def test_the_merged_checkpoint_loads_in_plain_transformers_with_the_adapters_log
     for (want, want_answer), (got, got_answer) in zip(reference, _run(model, tokenizer)):
         assert (want - got).abs().max() < 1e-4
         assert got_answer == want_answer
+    # the adapter's trained turn-token rows are the merged embedding's (and so the tied head's) rows
+    with safe_open(tiny_adapter / "adapter_model.safetensors", "pt") as f:
+        (key,) = [k for k in f.keys() if "trainable_tokens" in k]
+        rows = f.get_tensor(key)
+    assert torch.equal(model.model.embed_tokens.weight[[105, 106]], rows)
     # the merge carried the adapter: the base alone differs
     base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -259,10 +266,11 @@ def test_bad_input_is_refused_with_a_sentence_and_nothing_written(tiny_adapter, 
     ({"use_dora": True}, "DoRA"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, "embedding or LM head"),
+    ({"trainable_token_indices": {"embed_tokens": [105, 106]}}, "trained token rows .*--train-tokens none"),
 ])
-def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(change, match, tiny_adapter, tiny_base, tmp_path):
+def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(change, match, tiny_lora_only_adapter, tiny_base, tmp_path):
     adapter = tmp_path / "adapter"
-    shutil.copytree(tiny_adapter, adapter)
+    shutil.copytree(tiny_lora_only_adapter, adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps(config | change))
     _refused("--model-path", str(adapter), "--base-model", str(tiny_base), "--format", "gguf-lora", "--output", str(tmp_path / "o"),
@@ -270,10 +278,10 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(change, match, tiny_adapt
     assert not (tmp_path / "o").exists()
 
 
-def test_overwrite_replaces_a_previous_export(exports, tiny_adapter, tiny_base, tmp_path):
+def test_overwrite_replaces_a_previous_export(exports, tiny_lora_only_adapter, tiny_base, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(exports[("gguf-lora", "f32")], out)
     (out / "stale.txt").write_text("old")
-    result = cli("export", "--model-path", str(tiny_adapter), "--base-model", str(tiny_base), "--format", "gguf-lora", "--output", str(out), "--overwrite")
+    result = cli("export", "--model-path", str(tiny_lora_only_adapter), "--base-model", str(tiny_base), "--format", "gguf-lora", "--output", str(out), "--overwrite")
     assert result.returncode == 0, result.stderr
     assert not (out / "stale.txt").exists() and list(out.glob("*.gguf"))

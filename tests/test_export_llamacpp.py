@@ -29,13 +29,27 @@ def adapter(tmp_path_factory, embedded_dir):
 
 
 @pytest.fixture(scope="module")
-def files(adapter, tmp_path_factory):
+def lora_only_adapter(tmp_path_factory, embedded_dir):
+    """The same run with LoRA alone (--train-tokens none): what a LoRA GGUF can carry."""
+    from banklora.config import TrainSettings
+    from banklora.train import train
+
+    out = tmp_path_factory.mktemp("llamacpp") / "lora_only"
+    train(TrainSettings(data=("banking-seed",), output_dir=str(out), max_steps=4, batch_size=4, lr=2e-3, max_length=256,
+                        lora={"train_tokens": ()}), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(adapter, lora_only_adapter, tmp_path_factory):
+    """The merged GGUFs of the default adapter (LoRA and the trained turn-token rows), the LoRA GGUF of the LoRA-only one."""
     from conftest import cli
 
     root = tmp_path_factory.mktemp("llamacpp-exports")
     out = {}
     for fmt, kind in (("gguf", "f32"), ("gguf", "q8_0"), ("gguf-lora", "f32")):
-        result = cli("export", "--model-path", str(adapter), "--format", fmt, "--type", kind, "--output", str(root / f"{fmt}-{kind}"))
+        source = lora_only_adapter if fmt == "gguf-lora" else adapter
+        result = cli("export", "--model-path", str(source), "--format", fmt, "--type", kind, "--output", str(root / f"{fmt}-{kind}"))
         assert result.returncode == 0, result.stderr
         (out[(fmt, kind)],) = (root / f"{fmt}-{kind}").glob("*.gguf")
     return out

@@ -5,7 +5,9 @@ import torch
 
 from banklora.config import GenerationSettings
 from banklora.errors import UsageError
+from banklora.data.format import encode_prompt
 from banklora.generate import generate_batch
+from banklora.loss import token_rows
 from banklora.modeling import load
 from banklora.serving import DecodeLinear, ServingSettings
 
@@ -89,7 +91,8 @@ def test_the_int8_head_works_on_adapters_kept_beside_the_base(tiny_adapter, toke
     shutil.copytree(tiny_adapter, second)
     fp32 = load(str(tiny_adapter), more_adapters=(str(second),))
     int8 = load(str(tiny_adapter), more_adapters=(str(second),), serve=ServingSettings(int8_head=True))
-    assert isinstance(int8.model.get_output_embeddings(), Int8Linear)
+    head, rows = token_rows(int8.model.get_output_embeddings())
+    assert isinstance(head, Int8Linear) and rows is not None  # the head's base is int8; the adapter's trained turn-token rows stay fp32
     assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 1
     ids = _ids(tokenizer)
     with torch.no_grad():
@@ -115,13 +118,17 @@ def test_stacked_adapters_give_peft_mixed_batch_logits(tiny_adapter, tokenizer, 
     second = tmp_path / "second"
     shutil.copytree(tiny_adapter, second)
     weights = load_file(second / "adapter_model.safetensors")
-    save_file({k: -3 * v if "lora_B" in k else v for k, v in weights.items()}, second / "adapter_model.safetensors")
+    torch.manual_seed(0)  # the second adapter: other LoRA products and other turn-token rows
+    save_file({k: -3 * v if "lora_B" in k else v + torch.randn_like(v) if "trainable_tokens" in k else v for k, v in weights.items()},
+              second / "adapter_model.safetensors")
+    assert any("trainable_tokens" in k for k in weights)
     peft = load(str(tiny_adapter), more_adapters=(str(second),))
     stacked = load(str(tiny_adapter), more_adapters=(str(second),), serve=ServingSettings(stacked=True))
     layers = [m for m in stacked.model.modules() if type(m) is LoraLinear]
     assert layers and all("forward" in vars(m) for m in layers)  # every LoRA layer answers through the stack
-    assert isinstance(stacked.model.get_output_embeddings(), DecodeLinear)
-    ids = _ids(tokenizer).repeat(4, 1)
+    # the embedding and the head with the adapters' trained turn-token rows answer through theirs
+    assert all("forward" in vars(m) for m in (stacked.model.get_input_embeddings(), stacked.model.get_output_embeddings()))
+    ids = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")]).repeat(4, 1)  # holds <start_of_turn> and <end_of_turn>
     names = ["__base__", "tiny", "second", "tiny"]
     with torch.no_grad():
         a = peft.model(input_ids=ids, adapter_names=names).logits
@@ -134,6 +141,7 @@ def test_stacked_adapters_give_peft_mixed_batch_logits(tiny_adapter, tokenizer, 
     assert torch.allclose(b[0], base[0], atol=1e-4)  # "__base__" rows get no adapter
     assert torch.allclose(b[1], b[3], atol=1e-5)  # rows asking the same adapter agree
     assert (b[1] - b[2]).abs().max() > 1e-2 and (b[1] - b[0]).abs().max() > 1e-3  # and the adapters differ
+    assert (b1[1, -1, 106] - b1[2, -1, 106]).abs() > 1e-2  # <end_of_turn>'s logit comes from each row's own adapter
 
 
 def test_stacked_adapters_are_for_serving_only(tiny_adapter, tiny_base):

@@ -13,22 +13,25 @@ from conftest import seed_batch
 
 def _own_forwards(model) -> int:
     """Take the kernels out again: every module back to its class's forward."""
-    return sum(m.__dict__.pop("forward", None) is not None for m in model.modules())
+    return sum(m.__dict__.pop(f, None) is not None for m in model.modules() for f in ("forward", "forward_adapters"))
 
 
 def _model(tiny_base, dropout):
-    model = add_lora(load(str(tiny_base), training=True).model, LoraSettings(dropout=dropout))
+    loaded = load(str(tiny_base), training=True)
+    model = add_lora(loaded.model, LoraSettings(dropout=dropout), tokenizer=loaded.tokenizer)
     kernels.install(model)
-    with torch.no_grad():  # give LoRA B a value, so its A matrices get gradients too
+    with torch.no_grad():  # give LoRA B a value, so its A matrices get gradients too, and move the trained turn-token rows
         for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.05)
     return model.train()
 
 
-def _loss_and_grads(model, batch):
+def _loss_and_grads(model, batch, own: bool = False):
+    """The answer-only loss and the trainable parameters' gradients; own=True: the model's own
+    loss (PEFT's and transformers' layers, full logits) instead of banklora's."""
     model.zero_grad(set_to_none=True)
-    loss = answer_loss(model, batch)
+    loss = model(**batch).loss if own else answer_loss(model, batch)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -38,10 +41,11 @@ def test_the_kernels_give_peft_and_transformers_own_loss_and_gradients(tiny_base
     layers = model.config.num_hidden_layers
     batch = seed_batch(tokenizer)
     ours_loss, ours = _loss_and_grads(model, batch)
-    assert _own_forwards(model) == 7 * layers + layers  # every adapted projection and every MLP had been routed
-    own_loss, own = _loss_and_grads(model, batch)
-    assert ours_loss == pytest.approx(own_loss, abs=1e-6)
-    assert ours.keys() == own.keys() and len(own) == 2 * 7 * layers
+    # every adapted projection, every MLP and both token layers (embedding, tied LM head) had been routed
+    assert _own_forwards(model) == 7 * layers + layers + 2
+    own_loss, own = _loss_and_grads(model, batch, own=True)
+    assert ours_loss == pytest.approx(own_loss, abs=1e-5)
+    assert ours.keys() == own.keys() and len(own) == 2 * 7 * layers + 1  # + the turn tokens' rows, shared by embedding and head
     for name in own:
         assert torch.allclose(ours[name], own[name], rtol=1e-4, atol=1e-7), name
         assert own[name].abs().sum() > 0, name

@@ -17,7 +17,7 @@ from conftest import seed_batch
 
 def lora_model(loaded, lora: LoraSettings | None = None):
     """LoRA layers on a base, with the training kernels, as `banklora train` builds them."""
-    model = add_lora(loaded.model, lora or LoraSettings())
+    model = add_lora(loaded.model, lora or LoraSettings(), tokenizer=loaded.tokenizer)
     kernels.install(model)
     return model
 
@@ -52,8 +52,11 @@ def test_training_changes_adapter_and_lowers_loss_on_a_repeated_batch(tiny_base,
     assert all(b < a for a, b in zip(losses, losses[1:]))  # falls at every step
     changed = [n for n, p in model.named_parameters() if "lora_B" in n and not torch.equal(p, lora_b[n])]
     assert len(changed) == len(lora_b)  # every LoRA B matrix moved
-    frozen = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    assert frozen == []
+    others = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert others == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]  # the turn tokens' rows, nothing else
+    layer = model.get_input_embeddings().token_adapter
+    assert layer.token_indices["default"] == [105, 106]  # <start_of_turn>, <end_of_turn>
+    assert not torch.equal(layer.trainable_tokens_delta["default"], layer.trainable_tokens_original["default"])
 
 
 def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_base, tiny_adapter, tokenizer):
@@ -81,7 +84,7 @@ def test_metadata_records_base_data_settings_and_losses(tiny_adapter, tiny_base)
     assert meta["base_model"]["sha256"] == base.sha256
     assert meta["lora"] == {"r": 8, "alpha": 32, "dropout": 0.1, "bias": "none",
                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                            "use_rslora": False, "use_dora": False}
+                            "use_rslora": False, "use_dora": False, "train_tokens": ["<start_of_turn>", "<end_of_turn>"]}
     assert meta["training"]["steps"] == 3 and len(meta["loss_per_step"]) == 3
     assert meta["dataset"]["examples"] == 360 and len(meta["dataset"]["sha256"]) == 64
     assert meta["dataset"]["used_per_split"] == {"train": 240, "validation": 48, "test": 72}

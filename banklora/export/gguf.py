@@ -180,6 +180,10 @@ def check_lora_exportable(adapter: Path) -> None:
         problems.append("DoRA (use_dora: a magnitude vector llama.cpp does not apply)")
     if config.get("modules_to_save"):
         problems.append(f"modules_to_save ({', '.join(config['modules_to_save'])}: full trained copies, not LoRA)")
+    if config.get("trainable_token_indices"):
+        problems.append("trained token rows (trainable_token_indices: Gemma's turn tokens, which make the model end its answers; "
+                        "llama.cpp's LoRA GGUF holds LoRA pairs of the decoder only, and without those rows every answer runs to the token "
+                        "limit). Train with --train-tokens none for a LoRA GGUF")
     if any(re.search(r"embed_tokens|lm_head", t) for t in targets):
         problems.append("LoRA on the embedding or LM head (llama.cpp applies LoRA to the decoder's linear layers)")
     if config.get("rank_pattern") or config.get("alpha_pattern"):

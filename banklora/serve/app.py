@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from banklora.config import GenerationSettings
+from banklora.config import CHAT_REPETITION_PENALTY, GenerationSettings
 from banklora.data.format import encode_conversation
 from banklora.serve.engine import Engine, Event, QueueFull, Request, SamplingParams, StepInfo
 from banklora.serve.schemas import (ERRORS, ApiError, ChatAnswer, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
@@ -202,7 +202,7 @@ def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None
                               stop=req.stops(), seed=req.seed,
                               frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
                               presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
-                              repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty)
+                              repetition_penalty=CHAT_REPETITION_PENALTY if req.repetition_penalty is None else req.repetition_penalty)
 
     async def answer(http: HttpRequest, endpoint: str, req, prompt: list[int], chunk, final):
         """Run one request: a JSON answer, or a stream of chunks ending with [DONE]."""
