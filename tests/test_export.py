@@ -95,14 +95,15 @@ def test_the_merged_checkpoint_loads_in_plain_transformers_with_the_adapters_log
         assert (base(input_ids=torch.tensor([_prompts(tokenizer)[0]])).logits[0] - reference[0][0]).abs().max() > 1e-3
 
 
-def test_export_metadata_and_card_give_the_lineage(exports, tiny_adapter):
-    adapter_meta = json.loads((tiny_adapter / "banklora_meta.json").read_text())
-    for path in exports.values():
+def test_export_metadata_and_card_give_the_lineage(exports, tiny_adapter, tiny_lora_only_adapter):
+    for (fmt, _), path in exports.items():
+        source = tiny_lora_only_adapter if fmt == "gguf-lora" else tiny_adapter
+        adapter_meta = json.loads((source / "banklora_meta.json").read_text())
         meta = json.loads((path / "banklora_meta.json").read_text())
-        assert meta["format"] == "banklora-export/1"
+        assert meta["format"] == "banklora-export/1" and meta["adapter"]["path"] == str(source.resolve())
         assert meta["base_model"]["sha256"] == adapter_meta["base_model"]["sha256"]
         assert meta["adapter"]["meta"]["dataset"]["sha256"] == adapter_meta["dataset"]["sha256"]
-        weights = tiny_adapter / "adapter_model.safetensors"
+        weights = source / "adapter_model.safetensors"
         import hashlib
 
         assert meta["adapter"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -189,7 +190,7 @@ def test_the_lora_gguf_reproduces_the_merged_weights(exports, kind, tiny_base):
     tensors = {t.name: dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config["num_hidden_layers"])
     base = load_file(tiny_base / "model.safetensors")
-    merged = load_file(exports[("hf", None)] / "model.safetensors")
+    merged = _merged_by_peft(tiny_base, tiny_adapter_dir(exports))
     adapted = [n for n in merged if f"{names.get_name(n, try_suffixes=('.weight',))}.lora_a" in tensors]
     assert len(adapted) == 2 * 7  # 2 layers x q/k/v/o/gate/up/down
     tol = 1e-5 if kind == "f32" else 2e-3
@@ -202,6 +203,15 @@ def test_the_lora_gguf_reproduces_the_merged_weights(exports, kind, tiny_base):
     if kind == "q8_0":  # A's rows (in = 64) quantize; B's rows (r = 8) are not a multiple of 32 and go f16
         types = {t.name: t.tensor_type.name for t in reader.tensors}
         assert {types[k] for k in types if k.endswith("lora_a")} == {"Q8_0"} and {types[k] for k in types if k.endswith("lora_b")} == {"F16"}
+
+
+def _merged_by_peft(base_dir, adapter_dir) -> dict:
+    """The adapter merged into its base by plain PEFT: {HF name: tensor}."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir).merge_and_unload()
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def tiny_adapter_dir(exports):
