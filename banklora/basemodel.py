@@ -100,6 +100,19 @@ def tokenizer_path(spec: str | None) -> Path:
     return target
 
 
+def read_paths(spec: str | None) -> list[tuple[str, Path]]:
+    """What a command reads for the base model `spec`, for banklora.destination: the user's
+    checkpoint directory when it is one, banklora's cache (the converted embedded model) and
+    the Hugging Face hub cache. Nothing is converted or downloaded to tell."""
+    from huggingface_hub import constants
+
+    found = [("banklora's model cache", cache_dir()), ("the embedded base model", cache_dir() / EMBEDDED_NAME),
+             ("the embedded model's tokenizer", cache_dir() / f"{EMBEDDED_NAME}-tokenizer"), ("the Hugging Face cache", Path(constants.HF_HUB_CACHE))]
+    if not is_embedded(spec) and Path(spec).expanduser().exists():
+        found.insert(0, ("the base model", Path(spec).expanduser()))
+    return found
+
+
 def looks_like_hub_id(spec: str) -> bool:
     return not spec.startswith((".", "/", "~")) and spec.count("/") == 1
 

@@ -165,7 +165,7 @@ def record_evaluation(adapter_dir: Path, report: dict, name: str) -> None:
     """Put a compare report's summary for adapter `name` into its metadata and model card."""
     from banklora.evaluation.compare import binary_finding
     from banklora.io import atomic_write_json, atomic_write_text
-    from banklora.modeling import META_FILE, _adapter_config, read_meta
+    from banklora.modeling import META_FILE, adapter_config, read_meta
 
     meta = read_meta(adapter_dir)
     if not meta:  # not a banklora adapter: its files are not ours to rewrite
@@ -187,4 +187,4 @@ def record_evaluation(adapter_dir: Path, report: dict, name: str) -> None:
     meta["evaluation"] = {"created_at": report["created_at"], "questions": len(report["questions"]), "sources": report["questions_source"],
                           "split": report["split"], "metrics": rows}
     atomic_write_json(adapter_dir / META_FILE, meta)
-    atomic_write_text(adapter_dir / FILE, model_card(meta, _adapter_config(adapter_dir)))
+    atomic_write_text(adapter_dir / FILE, model_card(meta, adapter_config(adapter_dir)))

@@ -42,10 +42,16 @@ class Conversation:
         self.turns.clear()
 
 
+def as_text(text: str) -> str:
+    """`text` with every lone surrogate as U+FFFD: Python keeps bytes that are not UTF-8 (a terminal
+    in another encoding, `--prompt $'caf\\xe9'`) as lone surrogates, which no tokenizer takes."""
+    return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+
+
 def answer_once(loaded: Loaded, prompt: str, settings: GenerationSettings, stream: bool, out) -> str:
     """One answer to one prompt, for scripts (`banklora chat --prompt`)."""
     conversation = Conversation(loaded.tokenizer, max_context=1 << 30, max_new_tokens=settings.max_new_tokens)
-    return _answer(loaded, conversation.prompt_for(prompt), settings, stream, out)
+    return _answer(loaded, conversation.prompt_for(as_text(prompt)), settings, stream, out)
 
 
 def _answer(loaded: Loaded, ids: list[int], settings: GenerationSettings, stream: bool, out) -> str:
@@ -72,6 +78,9 @@ def repl(loaded: Loaded, settings: GenerationSettings, stream: bool, max_context
     while True:
         try:
             text = read("you> ").strip()
+        except UnicodeDecodeError:  # the terminal sent bytes that are not UTF-8: the conversation goes on
+            out.write("(that line was not UTF-8 text; set the terminal to UTF-8 and type it again)\n")
+            continue
         except EOFError:
             out.write("\n")
             return
@@ -80,6 +89,9 @@ def repl(loaded: Loaded, settings: GenerationSettings, stream: bool, max_context
             continue
         if not text:
             continue
+        if as_text(text) != text:
+            text = as_text(text)
+            out.write("(bytes of that line were not UTF-8; they are read as \ufffd)\n")
         if text in ("/exit", "/quit"):
             return
         if text == "/help":

@@ -145,6 +145,21 @@ def clean_leftovers(directory: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def remove_run(directory: Path, names: tuple[str, ...] = ()) -> None:
+    """Delete what a run wrote in `directory` (step-N checkpoints, temporary leftovers and the
+    files or folders `names`), then the folder itself when nothing else is left in it: files of
+    the user's in a --checkpoint-dir they named are never touched."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        if _STEP_DIR.match(p.name) or (p.name.startswith(".") and ".tmp-" in p.name) or p.name in names:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:  # not empty: the user's own files stay, and so does the folder
+        log.info("kept %s: it holds files banklora did not write", directory)
+
+
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """AdamW's state_dict as safetensors tensors + JSON, so loading it needs no pickle."""
     sd = optimizer.state_dict()

@@ -38,6 +38,10 @@ class _Group(TyperGroup):
         except BankloraError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # the machine's, not the input's: a full disk, a folder gone mid-run (writes go through temporary files)
+            where = f" ({exc.filename})" if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] {exc.strerror or exc}{where}; free space or fix the folder, and run it again", highlight=False)
+            ctx.exit(1)
 
 
 # rich_markup_mode=None: click's plain help, which wraps to the terminal instead of cutting flag names
@@ -47,6 +51,7 @@ data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspec
 app.add_typer(data_app, name="data")
 
 DEFAULT_ADAPTER = "outputs/lora_banking"
+MAX_NEW_TOKENS = 32_768  # Gemma 3 270M's context, the most any answer can hold (serve checks the loaded model's own)
 QUICKSTART = {"data": ("banking",), "epochs": 1.0, "lr": 1e-3}  # one pass (60 steps) of train's recipe, which runs 3: a quickstart within 10 minutes
 BaseModelOpt = Annotated[Optional[str], typer.Option("--base-model", help="Base model: gemma-3-270m (embedded, default), a local HF checkpoint directory, or a hub id.")]
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Only this split: train, validation or test.")]
@@ -118,11 +123,15 @@ def data_stats(
     """Counts per category, language and split; lengths in Gemma tokens."""
     from rich.table import Table
 
-    from banklora.data.dataset import load_examples
+    from banklora import destination
+    from banklora.data.dataset import load_examples, source_paths
     from banklora.data.stats import dataset_stats, plot_stats
+    from banklora.io import is_png_from_matplotlib
     from banklora.modeling import load_tokenizer
 
     sources = data or ["banking"]
+    if plot is not None:  # before the work: a plot path that cannot be written is a sentence, not a traceback at the end
+        destination.check(plot, "--plot", directory=False, reads=source_paths(sources), ours=is_png_from_matplotlib, example="stats.png")
     examples = load_examples(sources, split=split)
     stats = dataset_stats(examples, load_tokenizer(base_model))
     table = Table(title=f"{len(examples)} examples from {', '.join(sources)}{f' ({split})' if split else ''}, lengths in Gemma tokens")
@@ -199,11 +208,14 @@ def data_augment(
     output: Annotated[Path, typer.Option(help="Write the augmented data here (JSONL).")],
     data: DataOpt = None,
     variants: Annotated[int, typer.Option(help="New phrasings per training question.")] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists (never a data file this command reads).")] = False,
 ) -> None:
     """Deterministic question variants for the training split (validation and test untouched)."""
+    from banklora import destination
     from banklora.data.augment import augment
-    from banklora.data.dataset import load_examples, write_jsonl
+    from banklora.data.dataset import load_examples, source_paths, write_jsonl
 
+    destination.check(output, "--output", directory=False, overwrite=overwrite, reads=source_paths(data or ["banking"]), example="augmented.jsonl")
     examples = load_examples(data or ["banking"])
     out = augment(examples, variants)
     write_jsonl(out, output)
@@ -219,12 +231,15 @@ def data_export(
     max_length: Annotated[int, typer.Option(help="Drop examples longer than this many tokens.")] = 512,
     strict: Annotated[bool, typer.Option(help="Fail instead of dropping duplicates and over-long examples.")] = False,
     redact: Annotated[bool, typer.Option(help="Mask personal data instead of refusing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists (never a data file this command reads).")] = False,
 ) -> None:
     """Write the merged, validated data (duplicates and over-long examples dropped) as JSONL."""
-    from banklora.data.dataset import load_examples, write_jsonl
+    from banklora import destination
+    from banklora.data.dataset import load_examples, source_paths, write_jsonl
     from banklora.data.prepare import prepare
     from banklora.modeling import load_tokenizer
 
+    destination.check(output, "--output", directory=False, overwrite=overwrite, reads=source_paths(data or ["banking"]), example="merged.jsonl")
     examples = load_examples(data or ["banking"], split=split)
     prepared = prepare(examples, load_tokenizer(base_model), max_length, strict=strict, redact=redact)
     write_jsonl(prepared.examples, output)
@@ -246,12 +261,13 @@ def data_register(
 
 # --------------------------------------------------------------------------------------------- train
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="YAML file of settings (configs/*.yaml); flags override it.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output even when banklora did not write it (never the base model, the data or the caches).")]
 ResumeOpt = Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue an interrupted run exactly from its newest checkpoint (--no-resume: discard its checkpoints).")]
 
 
 @app.command()
 @settings_options()
-def train(config: ConfigOpt = None, resume: ResumeOpt = None, *, flags: dict) -> None:
+def train(config: ConfigOpt = None, resume: ResumeOpt = None, overwrite: OverwriteOpt = False, *, flags: dict) -> None:
     """Train a LoRA adapter on the train split (validation loss on the validation split).
 
     Runs in one process, or on several with `torchrun --nproc_per_node N -m banklora train ...`
@@ -262,7 +278,7 @@ def train(config: ConfigOpt = None, resume: ResumeOpt = None, *, flags: dict) ->
     from banklora.train import train as run_train
 
     settings = resolve_settings(config, overrides_from_flags(flags), resume)
-    _print_trained(run_train(settings, resume=resume))
+    _print_trained(run_train(settings, resume=resume, overwrite=overwrite))
 
 
 def _print_trained(result) -> None:
@@ -340,7 +356,7 @@ def compare(
     from banklora.card import record_evaluation
     from banklora.config import GenerationSettings
     from banklora.evaluation.compare import gate, parse_thresholds, print_report, run_compare
-    from banklora.evaluation.report import write_reports
+    from banklora.evaluation.report import check_report_path
 
     adapters = peft_model_path or [DEFAULT_ADAPTER]
     thresholds = parse_thresholds(fail_below or [])
@@ -348,11 +364,15 @@ def compare(
                                   presence_penalty=presence_penalty)  # greedy; no penalty unless asked
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} exceeds Gemma's {MAX_NEW_TOKENS:,}-token context; 160-512 is typical for an answer")
     default = ["banking"] if split else ["banking-eval"]
     tests = [] if knowledge == ["none"] else (knowledge or ["banking-mcq"])
+    report = default_report_path(adapters[-1]) if report is None else report
+    check_report_path(report, reads=[("an adapter", a) for a in adapters])  # before the compare runs, not after
     result = run_compare(adapters, questions=questions or default, split=split, settings=settings, batch_size=batch_size,
                          limit=limit, base_model=base_model, rules_file=compliance_rules, knowledge_tests=tests, show_progress=True)
-    paths = write_reports(result, report or default_report_path(adapters[-1]))
+    paths = _write_reports_or_keep(result, report)
     for name, info in result["adapters"].items():
         record_evaluation(Path(info["path"]), result, name)  # the model card carries the latest comparison
     print_report(result, console, show_answers=answers)
@@ -360,6 +380,21 @@ def compare(
     reasons = gate(result, thresholds, fail_on_regression)
     if reasons:
         raise BankloraError("quality gate failed:\n  " + "\n  ".join(reasons))
+
+
+def _write_reports_or_keep(result: dict, report: Path) -> dict[str, Path]:
+    """The reports at `report`; when that write fails after all (the disk filled, the folder
+    went away), in a temporary folder, said in the error: a compare's results are never lost."""
+    import tempfile
+
+    from banklora.evaluation.report import write_reports
+
+    try:
+        return write_reports(result, report)
+    except OSError as exc:
+        kept = Path(tempfile.mkdtemp(prefix="banklora-report-")) / Path(report).name
+        write_reports(result, kept)
+        raise BankloraError(f"could not write the report to {report} ({exc.strerror or exc}); it is saved at {kept} instead") from exc
 
 
 def default_report_path(adapter: str) -> Path:
@@ -417,11 +452,12 @@ def serve(
     fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 (CPU; the base served alone only).")] = False,
 ) -> None:
     """Serve the base and adapters over an OpenAI-compatible API, with a web chat at /."""
-    from banklora.serve.launch import build, run
+    from banklora.serve.launch import bind, build, run
 
-    served_app, served, loaded = build(model_path or [], base_model=base_model, api_key=api_key, max_batch_size=max_batch_size,
-                                       max_queue=max_queue, int8=int8, fp16=fp16)
-    run(served_app, served, loaded, host=host, port=port, api_key=api_key)
+    with bind(host, port) as sock:  # before the model loads: a taken port is a sentence at once
+        served_app, served, loaded = build(model_path or [], base_model=base_model, api_key=api_key, max_batch_size=max_batch_size,
+                                           max_queue=max_queue, int8=int8, fp16=fp16)
+        run(served_app, served, loaded, sock=sock, api_key=api_key)
 
 
 # --------------------------------------------------------------------------------------------- export

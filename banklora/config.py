@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,6 +25,16 @@ DTYPES = ("auto", "fp32", "bf16")
 # Gemma's turn tokens: in a pretrained (not instruction-tuned) Gemma their rows of the tied embedding /
 # LM head are nearly untrained, so a tuned model never ends its turn unless they are trained too.
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def _refuse_non_finite(settings, prefix: str = "") -> None:
+    """Every float setting must be a finite number: NaN or inf would pass each range check below
+    (all comparisons with NaN are false) and fail later, after the model has loaded."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
+            raise UsageError(f"{flag} must be a finite number (got {value}), e.g. {f.default if isinstance(f.default, float) else 1.0}")
 
 
 def _resumable(default, **kw):
@@ -51,6 +62,7 @@ class LoraSettings:
     """Control tokens whose embedding rows (tied to the LM head) are trained beside LoRA (PEFT's trainable tokens), comma-separated; none = off. A pretrained Gemma never learnt to end a turn without them."""
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self, "lora-")
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",")]
         self.target_modules = tuple(t for t in self.target_modules if t)
@@ -133,6 +145,7 @@ class TrainSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
         # one source may be given as a string (YAML `data: my.jsonl`): a tuple of it, not of its characters
@@ -213,6 +226,7 @@ class GenerationSettings:
     """vLLM's: tokens of the prompt or the answer have their logit divided by this (multiplied when negative); > 0, 1 = off."""
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.temperature < 0:

@@ -44,6 +44,30 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_save_figure(fig, path: Path, **savefig) -> None:
+    """A matplotlib figure saved as PNG beside `path`, then renamed into place (closed after)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, **savefig)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def is_png_from_matplotlib(path: Path) -> bool:
+    """A PNG that matplotlib wrote (its Software text chunk says so): a plot banklora may redraw."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"Matplotlib" in head
+
+
 def atomic_write_json(path: Path, value, indent: int | None = 2) -> None:
     atomic_write_text(path, to_json(value, indent) + "\n")
 
@@ -58,13 +82,21 @@ def replace_dir(tmp: Path, target: Path) -> None:
     """Put the complete directory `tmp` where `target` is, keeping the previous `target` if the
     rename fails: a reader sees the old directory or the new one, never a mix."""
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
+    remove(old)
+    if target.exists() or target.is_symlink():
         target.rename(old)
     try:
         tmp.rename(target)
     except OSError:
-        if old.exists():
+        if old.exists() or old.is_symlink():
             old.rename(target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)  # a file or a link the user allowed to be replaced (--overwrite) goes too
+
+
+def remove(path: Path) -> None:
+    """Delete a directory tree, a file or a link, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

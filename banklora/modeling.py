@@ -125,6 +125,7 @@ def load(
     if model_path is not None and is_adapter_dir(model_path):
         adapter_dir = Path(model_path)
         meta = read_meta(adapter_dir)
+        from_adapter = None if base_model else adapter_dir  # the base named by the adapter, not by the user's --base-model
         base_model = base_model or meta.get("base_model", {}).get("name") or _peft_base(adapter_dir)
     elif model_path is not None:
         path = Path(model_path).expanduser()
@@ -138,7 +139,7 @@ def load(
         raise UsageError("more adapters were given, but the first model path is not an adapter")
     dev = pick_device(device)
     serve.check(training=training, device=dev, adapters=len(adapters))
-    base = basemodel.resolve(base_model, verify=verify)
+    base = resolve_base(base_model, verify=verify, named_by=from_adapter if adapter_dir is not None else None)
     for path in adapters:
         check_adapter(path, meta if path == adapter_dir else read_meta(path), base)
 
@@ -245,10 +246,10 @@ def adapter_names(paths: list[str]) -> list[str]:
 
 
 def _peft_base(adapter_dir: Path) -> str | None:
-    return _adapter_config(adapter_dir).get("base_model_name_or_path")
+    return adapter_config(adapter_dir).get("base_model_name_or_path")
 
 
-def _adapter_config(adapter_dir: Path) -> dict:
+def adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / ADAPTER_CONFIG
     try:
         return json.loads(path.read_text())
@@ -260,15 +261,40 @@ def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file()
 
 
+def resolve_base(spec: str | None, *, verify: bool, named_by: Path | None = None) -> BaseModelInfo:
+    """basemodel.resolve; when the adapter at `named_by` named the base (the user passed no
+    --base-model), a base that is not here is said as such, not as a flag the user never gave."""
+    try:
+        return basemodel.resolve(spec, verify=verify)
+    except UsageError as exc:
+        if named_by is None:
+            raise
+        reason = str(exc).removeprefix(f"--base-model {spec}: ")
+        raise UsageError(f"{named_by} was trained on base model {spec!r}, which is not on this machine ({reason}); "
+                         "pass that base model's directory or hub id with --base-model") from exc
+
+
+def _check_finite(weights: Path) -> None:
+    """Every adapter tensor finite: a NaN in one LoRA matrix makes every answer empty and every
+    export carry it. The adapter is a few MB, so reading it all costs milliseconds."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        bad = [name for name in f.keys() if not torch.isfinite(f.get_tensor(name)).all()]
+    if bad:
+        raise UsageError(f"{weights}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); the adapter is damaged; {_DAMAGED_ADAPTER}")
+
+
 def check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) -> None:
     """The adapter's files are whole and it belongs to this base (by the base weights' sha256)."""
     if not is_adapter_dir(adapter_dir):
         raise UsageError(f"{adapter_dir} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
-    _adapter_config(adapter_dir)
+    adapter_config(adapter_dir)
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise UsageError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}; banklora loads safetensors adapters only")
     basemodel.check_safetensors(weights, _DAMAGED_ADAPTER)
+    _check_finite(weights)
     trained_on = (meta or {}).get("base_model", {}).get("sha256")
     if trained_on and trained_on != base.sha256:
         raise UsageError(
@@ -300,7 +326,7 @@ def save_adapter(model, tokenizer, output_dir: Path, meta: dict, extras: dict[st
         tokenizer.chat_template = tokenizer.chat_template or GEMMA_CHAT_TEMPLATE
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(to_json(meta, indent=2))
-        (tmp / card.FILE).write_text(card.model_card(meta, _adapter_config(tmp)), encoding="utf-8")  # in place of PEFT's empty template
+        (tmp / card.FILE).write_text(card.model_card(meta, adapter_config(tmp)), encoding="utf-8")  # in place of PEFT's empty template
         for name, source in (extras or {}).items():
             (shutil.copytree if Path(source).is_dir() else shutil.copy2)(source, tmp / name)
         replace_dir(tmp, output_dir)

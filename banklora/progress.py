@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-from banklora.io import append_jsonl, atomic_write_text
+from banklora.io import append_jsonl, atomic_save_figure, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,4 @@ def plot_loss_curve(losses: list[float | None], validation: list[dict], path: Pa
     ax.set(xlabel="step", ylabel="answer-token loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=96, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=96, bbox_inches="tight")

@@ -14,25 +14,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from banklora import card, checkpoint, kernels, loss, progress
+from banklora import basemodel, card, checkpoint, destination, kernels, loss, progress
 from banklora.checkpoint import StopRequest, TrainerState, TrainingInterrupted  # noqa: F401  (TrainingInterrupted: part of the API)
 from banklora.config import TrainSettings, load_train_settings
 from banklora.data.batching import collate, epoch_batches
-from banklora.data.dataset import dataset_hash, load_examples
+from banklora.data.dataset import dataset_hash, load_examples, source_paths
 from banklora.data.prepare import Prepared, prepare
 from banklora.errors import BankloraError, UsageError
-from banklora.modeling import add_lora, load, load_tokenizer, save_adapter, train_token_ids
+from banklora.modeling import META_FILE, add_lora, load, load_tokenizer, save_adapter, train_token_ids
 
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"  # the adapter with the lowest validation loss, inside the final adapter directory
+RUN_FILES = (progress.METRICS_FILE, progress.LOSS_CURVE, BEST_DIR)  # what a run writes in its checkpoint folder besides step-N
 Resume = bool | None | str  # True: continue; False: discard checkpoints; None: refuse if any; "auto": continue if any
 
 
@@ -83,31 +83,51 @@ def resolve_settings(config_file: Path | None, overrides: dict, resume: Resume) 
     return settings
 
 
-def train(settings: TrainSettings, show_progress: bool = True, resume: Resume = None, on_step=None) -> TrainResult:
+def train(settings: TrainSettings, show_progress: bool = True, resume: Resume = None, on_step=None, overwrite: bool = False) -> TrainResult:
     """Train a LoRA adapter as `settings` says and save it atomically to settings.output_dir.
 
     resume: True = continue from the newest checkpoint in settings.checkpoints; False = discard
     any and start afresh; None = start afresh, but refuse if checkpoints of a run are there;
     "auto" = continue when there is a checkpoint, else start afresh (quickstart, sweep).
     on_step(state) is called after every step (progress hooks, tests).
+    overwrite: --output-dir may replace a directory banklora did not write (banklora.destination).
     """
     from accelerate import Accelerator
 
     start = time.perf_counter()
+    _check_destinations(settings, overwrite)
     if resume == "auto":
         resume = checkpoint.latest(settings.checkpoints) is not None or None
     run = _Run(settings, Accelerator(cpu=not torch.cuda.is_available()), *_setup_data(settings))  # cpu=True: multi-process CPU runs use gloo
     found = _setup_checkpoints(run, resume)
-    _setup_model(run)
-    _setup_optimizer(run)
-    if resume:
-        _resume(run, found)
-    _log_start(run, found)
-    before = run.state.elapsed  # fitting time of the interrupted part, when resuming
-    stopped_early = _fit(run, show_progress, on_step)
-    result = _save(run, time.perf_counter() - start + before, stopped_early)
+    try:
+        _setup_model(run)
+        _setup_optimizer(run)
+        if resume:
+            _resume(run, found)
+        _log_start(run, found)
+        before = run.state.elapsed  # fitting time of the interrupted part, when resuming
+        stopped_early = _fit(run, show_progress, on_step)
+        result = _save(run, time.perf_counter() - start + before, stopped_early)
+    except BaseException:
+        if run.accelerator.is_main_process and checkpoint.latest(settings.checkpoints) is None:
+            checkpoint.remove_run(settings.checkpoints, RUN_FILES)  # nothing to resume from: leave no litter
+        raise
     run.accelerator.wait_for_everyone()
     return result
+
+
+def _check_destinations(s: TrainSettings, overwrite: bool) -> None:
+    """0) where the adapter and the checkpoints go, refused before anything loads when banklora
+    must not write there (banklora.destination): never the base, the data or the caches."""
+    reads = basemodel.read_paths(s.base_model) + source_paths(s.data)
+    output = destination.check(s.output_dir, "--output-dir", directory=True, overwrite=overwrite, reads=reads,
+                               ours=destination.holds(META_FILE), example="outputs/my_adapter").resolve()
+    # the checkpoint folder keeps the user's own files (only the run's are removed): no --overwrite needed
+    ckpt = destination.check(s.checkpoints, "--checkpoint-dir", directory=True, overwrite=True, reads=reads).resolve()
+    if ckpt == output or ckpt in output.parents or output in ckpt.parents:
+        raise UsageError(f"--checkpoint-dir {s.checkpoints} and --output-dir {s.output_dir} must be separate folders, neither inside the other: "
+                         "the checkpoints are removed once the adapter is saved")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +161,7 @@ def _setup_checkpoints(run: _Run, resume: bool | None) -> Path | None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         if not resume:
-            shutil.rmtree(s.checkpoints, ignore_errors=True)
+            checkpoint.remove_run(s.checkpoints, RUN_FILES)
         checkpoint.clean_leftovers(s.checkpoints)
         s.checkpoints.mkdir(parents=True, exist_ok=True)
     return found
@@ -406,6 +426,21 @@ def _turn_end(run: _Run) -> dict:
     return result.to_dict()
 
 
+def _unsaved(run: _Run, output: Path, exc: OSError) -> str:
+    """The sentence for an adapter that could not be written, after keeping the trained run as a
+    checkpoint that --resume finishes (single-process runs; the others keep their last one)."""
+    s = run.settings
+    said = f"could not write the adapter to {output} ({exc.strerror or exc})"
+    if run.accelerator.num_processes > 1:
+        return f"{said}; the newest checkpoint in {s.checkpoints} is kept"
+    try:
+        kept = checkpoint.save(s.checkpoints, run.state, run.peft_model, run.optimizer, run.accelerator, s.keep_checkpoints)
+    except OSError as again:
+        return f"{said}, nor a checkpoint to {s.checkpoints} ({again.strerror or again}); make room and train again"
+    return (f"{said}; the trained run is kept as checkpoint {kept}: make room (or fix the folder), then finish it with "
+            f"banklora train --output-dir {s.output_dir} --resume")
+
+
 def _save(run: _Run, wall: float, stopped_early: bool) -> TrainResult:
     s, acc, state = run.settings, run.accelerator, run.state
     run.peft_model.eval()
@@ -425,8 +460,11 @@ def _save(run: _Run, wall: float, stopped_early: bool) -> TrainResult:
         extras = {progress.METRICS_FILE: s.checkpoints / progress.METRICS_FILE, progress.LOSS_CURVE: curve}
         if (s.checkpoints / BEST_DIR).is_dir():
             extras[BEST_DIR] = s.checkpoints / BEST_DIR
-        save_adapter(run.peft_model, run.loaded.tokenizer, output, meta, extras, state_dict=full)
-        shutil.rmtree(s.checkpoints, ignore_errors=True)  # the run is complete: its checkpoints have served
+        try:
+            save_adapter(run.peft_model, run.loaded.tokenizer, output, meta, extras, state_dict=full)
+        except OSError as exc:  # a full disk, a folder gone: the trained run must not go with it
+            raise BankloraError(_unsaved(run, output, exc)) from exc
+        checkpoint.remove_run(s.checkpoints, RUN_FILES)  # the run is complete: its checkpoints have served
         finite = [x for x in state.losses if x is not None]
         log.info("adapter saved to %s (loss %.4f -> %.4f, %.0f s)%s", output, finite[0] if finite else float("nan"),
                  finite[-1] if finite else float("nan"), wall, f"; best validation adapter in {output / BEST_DIR}" if state.best else "")

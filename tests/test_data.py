@@ -78,6 +78,39 @@ def test_missing_file_says_what_to_do(tmp_path):
         load_examples([str(tmp_path / "nope.json")])
 
 
+def test_a_directory_as_data_is_called_a_directory(tmp_path):
+    with pytest.raises(UsageError, match=r"is a directory; pass a JSON, JSONL, CSV or TSV file in it"):
+        load_examples([str(tmp_path)])
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".csv", "instruction,output\n开户要带什么？,带身份证到网点办理。\n"),  # Excel's "CSV UTF-8"
+    (".jsonl", '{"instruction": "开户要带什么？", "output": "带身份证到网点办理。"}\n'),
+    (".json", '[{"instruction": "开户要带什么？", "output": "带身份证到网点办理。"}]'),
+])
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, suffix, text):
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    (e,) = load_examples([str(path)])
+    assert (e.instruction, e.output) == ("开户要带什么？", "带身份证到网点办理。")
+
+
+def test_records_without_a_language_get_the_language_of_their_text(tmp_path):
+    from banklora.data.dataset import detect_language
+
+    path = tmp_path / "mixed.jsonl"
+    records = [{"instruction": "How do I reset my card PIN?", "output": "Visit a branch with your ID card."},
+               {"instruction": "信用卡逾期会怎样？", "output": "会产生罚息并影响征信。"},
+               {"instruction": "手机银行APP怎么转账USD？", "output": "在APP的外汇页面办理。"},
+               {"instruction": "Hi", "output": "Hello", "language": "zh"}]  # a given field wins
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    assert [e.language for e in load_examples([str(path)])] == ["en", "zh", "zh", "zh"]
+    # the rule agrees with every hand-set label of the built-in sets (360 + 8 records)
+    for name in ("banking", "banking-eval"):
+        for e in load_examples([name], questions=True):
+            assert detect_language(" ".join((e.instruction, e.input, e.output))) == e.language, e.instruction
+
+
 def test_csv_tsv_and_chat_records_load(tmp_path):
     csv_path = tmp_path / "faq.csv"
     csv_path.write_text('instruction,input,output,category,keywords\n"开户要带什么？",,"带身份证, 到网点办理。",账户管理,身份证|网点\n')

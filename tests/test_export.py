@@ -109,7 +109,10 @@ def test_export_metadata_and_card_give_the_lineage(exports, tiny_adapter, tiny_l
         assert meta["adapter"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
         for name, entry in meta["files"].items():
             assert (path / name).stat().st_size == entry["bytes"]
-        assert "README.md" in meta["files"] and "base_model:" in (path / "README.md").read_text()
+        card = (path / "README.md").read_text()
+        assert "README.md" in meta["files"] and "base_model:" in card
+        run_lines = card.split("## Run it", 1)[1]
+        assert ".tmp-" not in card and path.name in run_lines  # the folder's final name, not the temporary build folder's
         assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]  # nothing left half-written
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -216,6 +218,17 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "你好"}], "
     ({"messages": [{"role": "assistant", "content": "b"}]}, "messages"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"model": None}, "model"),
+    ({"seed": 99999999999999999999999}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "balance"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi\ud800"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": "\udfff"}]}]}, "messages[0].content[1].text"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "messages[0].content[0].type"),
+    ({"stop": "a\udfff"}, "stop"),
 ])
 def test_bad_requests_get_openai_errors_with_param(server, change, param):
     status, body, _ = server.post("/v1/chat/completions", {**CHAT, **change})
@@ -240,6 +253,17 @@ def test_unknown_model_context_overflow_bad_json_and_unknown_route(server):
     assert status == 404 and "error" in json.loads(body)
     status, body, _ = server.post("/v1/completions", {"model": "alpha", "prompt": ["a", "b"]})
     assert status == 400 and json.loads(body)["error"]["param"] == "prompt"
+
+
+def test_a_lone_surrogate_prompt_is_a_400_and_what_changes_nothing_is_accepted(server):
+    status, body, _ = server.post("/v1/completions", {"model": "alpha", "prompt": "hi\udfff", "max_tokens": 2})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == "prompt" and "surrogate" in error["message"]
+    quiet = {"logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "seed": 2**63 - 1}
+    status, body, _ = server.post("/v1/chat/completions", {**CHAT, **quiet})
+    assert status == 200, body
+    status, body, _ = server.post("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "caf\u00e9 \ud83d\ude00"}]})
+    assert status == 200, body  # a real surrogate pair is a character (an emoji), not an error
 
 
 def test_the_openai_client_sees_these_errors(server):
@@ -368,6 +392,95 @@ def test_metrics_count_requests_tokens_and_first_token_times(server):
     assert float(lines['banklora_step_seconds_sum{kind="decode"}']) > 0
 
 
+def _metric(server, name: str) -> float:
+    text = server.get("/metrics")[1]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_metrics_count_refused_requests_by_status(server):
+    before = {code: _metric(server, f'banklora_requests_total{{endpoint="chat",model="{m}",status="{code}"}}')
+              for code, m in (("400", "alpha"), ("401", "-"), ("404", "-"))}
+    server.post("/v1/chat/completions", {**CHAT, "temperature": 9})
+    server.post("/v1/chat/completions", {**CHAT, "n": 3})
+    server.post("/v1/chat/completions", CHAT, key="wrong")
+    server.post("/v1/chat/completions", {**CHAT, "model": "nope"})
+    after = {code: _metric(server, f'banklora_requests_total{{endpoint="chat",model="{m}",status="{code}"}}')
+             for code, m in (("400", "alpha"), ("401", "-"), ("404", "-"))}
+    # temperature 9 fails pydantic before the model is known ("-"); n=3 is refused by the route, for "alpha"
+    assert after["400"] - before["400"] == 1 and after["401"] - before["401"] == 1 and after["404"] - before["404"] == 1
+    assert _metric(server, 'banklora_requests_total{endpoint="chat",model="-",status="400"}') >= 1
+    assert 'model="nope"' not in server.get("/metrics")[1]  # no series per unknown name a client sends
+
+
+def test_docs_pages_that_need_a_cdn_are_off_and_the_schema_is_served(server):
+    assert server.get("/docs", key=None)[0] == 404 and server.get("/redoc", key=None)[0] == 404
+    status, body, _ = server.get("/openapi.json", key=None)
+    assert status == 200 and "/v1/chat/completions" in json.loads(body)["paths"]
+
+
+def test_a_non_ascii_api_key_matches_its_utf8_bytes(adapters, tiny_base):
+    s = Server(["--base-model", str(tiny_base)], api_key="clé-銀行")
+    try:
+        def status(header: bytes) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+            conn.putrequest("GET", "/v1/models")
+            conn.putheader("Authorization", header)
+            conn.endheaders()
+            code = conn.getresponse().status
+            conn.close()
+            return code
+
+        assert status(b"Bearer " + "clé-銀行".encode("utf-8")) == 200
+        assert status(b"Bearer " + "clé".encode("latin-1")) == 401
+        assert status(b"Bearer cl") == 401
+    finally:
+        s.stop()
+
+
+def test_serve_checks_the_port_and_dora_before_loading_and_names_the_real_port(adapters, tiny_base, tmp_path):
+    from conftest import cli
+
+    for port in ("70000", "-1"):
+        result = cli("serve", "--base-model", str(tiny_base), "--port", port)
+        assert result.returncode == 2 and "--port must be in 0-65535" in result.stderr, result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cli("serve", "--base-model", str(tiny_base), "--port", str(taken.getsockname()[1]))
+        assert result.returncode == 2 and "cannot listen" in result.stderr and "--port 0" in result.stderr, result.stderr
+    dora = tmp_path / "dora"
+    shutil.copytree(adapters["alpha"], dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    result = cli("serve", "--base-model", str(tiny_base), "--model-path", str(dora), "--port", "0")
+    assert result.returncode == 2 and "a DoRA adapter cannot be served" in " ".join(result.stderr.split()), result.stderr
+    # --port 0: the log names the port the system chose, and the server answers there
+    env = dict(os.environ, BANKLORA_LOG_LEVEL="INFO", COLUMNS="300")
+    env.pop("BANKLORA_API_KEY", None)
+    process = subprocess.Popen([sys.executable, "-m", "banklora", "serve", "--base-model", str(tiny_base), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        port = None
+        for line in process.stdout:
+            found = re.search(r"OpenAI API at http://127\.0\.0\.1:(\d+)/v1", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port and port != 0
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_a_full_queue_answers_429_with_retry_after(adapters, tiny_base):
     s = Server(["--base-model", str(tiny_base), "--model-path", str(adapters["alpha"]), "--max-batch-size", "1", "--max-queue", "1"])
     try:
@@ -392,6 +505,7 @@ def test_a_full_queue_answers_429_with_retry_after(adapters, tiny_base):
         status, body, headers = s.post("/v1/chat/completions", CHAT)
         assert status == 429 and headers["retry-after"] == "1"
         assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+        assert _metric(s, 'banklora_requests_total{endpoint="chat",model="alpha",status="429"}') == 1  # the operator sees it
     finally:
         s.stop(kill=True)  # the two long answers are not waited for
 

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -148,13 +149,31 @@ def load_examples(specs: Sequence[str], split: str | None = None, questions: boo
     return examples
 
 
+def source_paths(specs: Sequence[str]) -> list[tuple[str, Path]]:
+    """The files behind data sources (built-in, registered or paths), for banklora.destination;
+    sources that do not resolve are left to load_examples to report."""
+    found, registry = [], None
+    for spec in specs:
+        if spec in BUILTIN:
+            found.append(("the data", builtin_path(spec)))
+        elif Path(spec).exists():
+            found.append(("the data", Path(spec)))
+        else:
+            registry = read_registry() if registry is None else registry
+            if spec in registry:
+                found.append(("the data", Path(registry[spec]["path"])))
+    return found
+
+
 def load_file(path: Path, shown: str | None = None, questions: bool = False) -> list[Example]:
     shown = shown or str(path)
+    if path.is_dir():
+        raise UsageError(f"data {shown} is a directory; pass a JSON, JSONL, CSV or TSV file in it (--data may be repeated)")
     if not path.is_file():
         names = ", ".join(BUILTIN)
         raise UsageError(f"data file {shown} does not exist; pass a JSON, JSONL, CSV or TSV file, a built-in set ({names}), or a name from {registry_path()}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the header
     except UnicodeDecodeError as exc:
         raise UsageError(f"{shown}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from exc
     suffix = path.suffix.lower()
@@ -287,13 +306,24 @@ def _check_text_fields(record: dict, where: str) -> None:
         raise UsageError(f"{where}: field 'keywords' must be a list of non-empty strings")
 
 
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
+def detect_language(text: str) -> str:
+    """zh or en for a record without a `language` field: zh when Chinese characters are at least a
+    tenth of the letters (an answer naming "APP", "ATM" or "USD" stays zh), else en."""
+    han, latin = len(_HAN.findall(text)), len(_LATIN.findall(text))
+    return "zh" if han and han >= 0.1 * (han + latin) else "en"
+
+
 def _example(record: dict, where: str, **fields) -> Example:
     return Example(
         input=record.get("input") or "",
         category=record.get("category") or "general",
         keywords=tuple(k.strip() for k in record.get("keywords") or []),
         id=record.get("id") or "",
-        language=record.get("language") or "zh",
+        language=record.get("language") or detect_language(" ".join((fields["instruction"], record.get("input") or "", fields["output"]))),
         split=record.get("split") or "train",
         as_of=record.get("as_of") or "",
         source=where,

@@ -31,12 +31,12 @@ class Prepared:
 
     def summary(self) -> str:
         kept = Counter(e.split for e in self.examples)
-        text = ", ".join(f"{kept[s]} {s}" for s in ("train", "validation", "test") if kept[s])
+        parts = [", ".join(f"{kept[s]} {s}" for s in ("train", "validation", "test") if kept[s]) or "none kept"]
         if self.dropped:
-            text += "; dropped " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items()))
+            parts.append("dropped " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())))
         if self.pii_redacted:
-            text += f"; {self.pii_redacted} personal data item(s) masked"
-        return text
+            parts.append(f"{self.pii_redacted} personal data item(s) masked")
+        return "; ".join(parts)
 
 
 def _question_key(e: Example) -> str:

@@ -78,9 +78,6 @@ def plot_stats(stats: DatasetStats, max_length: int, path) -> None:
     right.invert_yaxis()
     right.set(title="examples per category", xlabel="examples")
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    import os
+    from banklora.io import atomic_save_figure
 
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=110)

@@ -19,10 +19,33 @@ from banklora.io import atomic_write_text, to_json
 COLORS = ("#7f8c8d", "#2e86de", "#27ae60", "#e67e22", "#8e44ad")
 
 
+def report_paths(json_path: Path) -> dict[str, Path]:
+    json_path = Path(json_path)
+    return {"json": json_path, "markdown": json_path.with_suffix(".md"), "html": json_path.with_suffix(".html")}
+
+
+def check_report_path(json_path: Path | None, reads=()) -> None:
+    """--report, checked before a compare runs (banklora.destination): a path that can be written,
+    and no file there but an earlier banklora report."""
+    from banklora import destination
+
+    destination.check(json_path, "--report", directory=False, reads=reads, ours=_is_report, example="reports/compare.json")
+    for path in report_paths(json_path).values():
+        destination.check(path, "--report", directory=False, reads=reads, ours=_is_report, example="reports/compare.json")
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(400)
+    except OSError:
+        return False
+    return b"banklora-compare/" in head or head.startswith(b"# banklora compare") or b"<title>banklora compare</title>" in head
+
+
 def write_reports(report: dict, json_path: Path) -> dict[str, Path]:
     """Write the JSON, Markdown and HTML reports side by side; return their paths."""
-    json_path = Path(json_path)
-    paths = {"json": json_path, "markdown": json_path.with_suffix(".md"), "html": json_path.with_suffix(".html")}
+    paths = report_paths(json_path)
     atomic_write_text(paths["json"], to_json(report, indent=2))
     atomic_write_text(paths["markdown"], markdown(report))
     atomic_write_text(paths["html"], html(report))

@@ -42,7 +42,7 @@ class Exported:
 def export(model_path: str, fmt: str, output: str | Path, *, gguf_type: str | None = None, base_model: str | None = None,
            overwrite: bool = False) -> Exported:
     """Export the adapter at `model_path` as `fmt` (hf, gguf, gguf-lora) into the directory `output`."""
-    from banklora.modeling import is_adapter_dir
+    from banklora.modeling import is_adapter_dir, read_meta
 
     start = time.perf_counter()
     if fmt not in TYPES:
@@ -56,12 +56,13 @@ def export(model_path: str, fmt: str, output: str | Path, *, gguf_type: str | No
     if not is_adapter_dir(model_path):
         hint = "no such directory" if not Path(model_path).exists() else "no adapter_config.json there"
         raise UsageError(f"--model-path {model_path}: not a LoRA adapter directory ({hint}); train one with `banklora train`")
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise UsageError(f"--output {output} exists; choose another directory or pass --overwrite to replace it")
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output {output} is a file; give a directory")
+    from banklora import basemodel, destination
+
     adapter = Path(model_path)
+    base_spec = base_model or read_meta(adapter).get("base_model", {}).get("path")
+    reads = [("the adapter", adapter)] + basemodel.read_paths(base_spec)
+    # an existing export is replaced only with --overwrite too: a user may have shipped it
+    output = destination.check(output, "--output", directory=True, overwrite=overwrite, reads=reads, example=f"exports/{adapter.resolve().name}-{fmt}")
     if fmt == "gguf-lora":
         from banklora.export.gguf import check_lora_exportable
 
@@ -71,7 +72,7 @@ def export(model_path: str, fmt: str, output: str | Path, *, gguf_type: str | No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        lineage = _lineage(adapter, base_model)
+        lineage = _lineage(adapter, base_model) | {"output": str(output)}
         if fmt == "hf":
             from banklora.export.hf import write_merged
 
@@ -100,10 +101,10 @@ def _lineage(adapter: Path, base_model: str | None) -> dict:
     """Where the export comes from: the base (name, sha256) and the adapter (path, sha256, its metadata)."""
     import banklora
     from banklora import basemodel
-    from banklora.modeling import check_adapter, read_meta
+    from banklora.modeling import check_adapter, read_meta, resolve_base
 
     meta = read_meta(adapter)
-    base = basemodel.resolve(base_model or meta.get("base_model", {}).get("name") or None, verify=True)
+    base = resolve_base(base_model or meta.get("base_model", {}).get("name") or None, verify=True, named_by=None if base_model else adapter)
     check_adapter(adapter, meta, base)  # whole, and trained on this base
     weights = adapter / "adapter_model.safetensors"
     return {

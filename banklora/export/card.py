@@ -49,7 +49,9 @@ def write_card(directory: Path, kind: str, lineage: dict, file: str | None = Non
     ]
     if training:
         lines.append(f"- trained on {', '.join(map(str, training.get('data', []))) or '?'} for {training.get('steps', '?')} steps")
-    lines += ["", "## Run it", ""] + [f"- {line.format(dir=directory.name, file=file, name=name)}" for line in _RUN[kind]]
+    # the directory's name once renamed into place: `directory` is still the temporary build folder here
+    shown = Path(lineage.get("output", directory)).name
+    lines += ["", "## Run it", ""] + [f"- {line.format(dir=shown, file=file, name=name)}" for line in _RUN[kind]]
     lines += ["", "Chat format: `<start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n`; stop at `<end_of_turn>` (id 106) and `<eos>` (id 1).",
               "", f"Gemma is provided under the Gemma Terms of Use: {GEMMA_TERMS}", ""]
     atomic_write_text(directory / "README.md", "\n".join(lines))

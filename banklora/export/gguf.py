@@ -168,9 +168,9 @@ def _write(writer) -> None:
 # ------------------------------------------------------------------------------------- the adapter alone
 def check_lora_exportable(adapter: Path) -> None:
     """Refuse, with every reason at once, an adapter llama.cpp's LoRA cannot represent."""
-    from banklora.modeling import ADAPTER_CONFIG
+    from banklora.modeling import ADAPTER_CONFIG, adapter_config
 
-    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    config = adapter_config(adapter)  # a damaged file: the sentence every command gives
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     problems = []

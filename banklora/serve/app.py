@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = GenerationSettings().max_new_tokens  # the same default answer length as chat
 RETRY_AFTER_S = 1
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models", "/metrics": "metrics"}
 DISCONNECT_POLL_S = 0.25  # the longest an unstreamed answer waits before checking that its client is still there
 
 
@@ -136,7 +137,10 @@ def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None
         yield
         engine.shutdown()
 
-    app = FastAPI(title="banklora", version="1", lifespan=lifespan, summary="OpenAI-compatible API for Gemma with banking LoRA adapters")
+    # docs_url / redoc_url off: FastAPI's pages load their scripts from a CDN, blank on the offline machines banks run;
+    # the schema itself is at /openapi.json (README, Serving)
+    app = FastAPI(title="banklora", version="1", lifespan=lifespan, summary="OpenAI-compatible API for Gemma with banking LoRA adapters",
+                  docs_url=None, redoc_url=None)
     app.state.engine, app.state.served, app.state.metrics = engine, served, metrics
 
     def authorize(request: HttpRequest) -> None:
@@ -144,30 +148,40 @@ def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None
             return
         given = request.headers.get("authorization", "")
         token = given[7:] if given[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
+        # headers arrive as latin-1 text (HTTP's rule): back to the client's bytes, compared with the key's UTF-8 bytes
+        if not hmac.compare_digest(token.encode("latin-1", "replace"), api_key.encode("utf-8")):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
 
+    def refused(request: HttpRequest, exc: ApiError) -> JSONResponse:
+        """An error answer, counted in /metrics like an answered request (the model label only
+        for a model this server has: a label per unknown name would let clients grow the series)."""
+        endpoint = ENDPOINTS.get(request.url.path, "other")
+        model = getattr(getattr(request.state, "body", None), "model", None)
+        known = model if model in (served.base, *served.adapters) else "-"
+        metrics.requests.labels(endpoint, known, str(exc.status)).inc()
+        return _error(exc)
+
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return _error(exc)
+        return refused(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
-            return _error(ApiError(400, f"the request body is not valid JSON: {first.get('msg')}"))
+            return refused(request, ApiError(400, f"the request body is not valid JSON: {first.get('msg')}"))
         param = _param(first.get("loc", ()))
-        return _error(ApiError(400, f"{param or 'request'}: {first.get('msg')}", param=param))
+        return refused(request, ApiError(400, f"{param or 'request'}: {first.get('msg')}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
-        return _error(ApiError(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found"))
+        return refused(request, ApiError(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found"))
 
     @app.exception_handler(Exception)
     async def failure(request, exc: Exception):
         log.exception("request failed")
-        return _error(ApiError(500, f"the server failed: {type(exc).__name__}", type="server_error"))
+        return refused(request, ApiError(500, f"the server failed: {type(exc).__name__}", type="server_error"))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -236,8 +250,7 @@ def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None
                     if first:
                         metrics.ttft.labels(endpoint).observe(time.perf_counter() - arrived)
                         first = False
-                    if event.error:
-                        metrics.requests.labels(endpoint, req.model, "500").inc()
+                    if event.error:  # counted in /metrics by the error handler
                         raise ApiError(500, event.error, type="server_error")
                     text += event.text
                     if event.finish_reason:
@@ -281,8 +294,9 @@ def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=[Depends(authorize)],
               responses={k: ERRORS[k] for k in (400, 401, 404, 429, 500)})
     async def chat_completions(req: ChatCompletionRequest, http: HttpRequest):
+        http.state.body = req
         req.check()
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(req.messages)]
         try:
             prompt = encode_conversation(tokenizer, messages, add_generation_prompt=True).input_ids
         except ValueError as exc:  # the one formatter's rules: system first, then user/assistant turns, ending with user
@@ -302,6 +316,7 @@ def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None
     @app.post("/v1/completions", response_model=Completion, dependencies=[Depends(authorize)],
               responses={k: ERRORS[k] for k in (400, 401, 404, 429, 500)})
     async def completions(req: CompletionRequest, http: HttpRequest):
+        http.state.body = req
         req.check()
         prompt = tokenizer(req.text())["input_ids"]
 

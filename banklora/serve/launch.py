@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -49,6 +51,7 @@ def build(model_paths: list[str], *, base_model: str | None = None, api_key: str
     if api_key is not None and not api_key:
         raise UsageError(f"--api-key (or {API_KEY_ENV}) is empty; give a key, or leave both out to serve without one")
     adapters = parse_model_paths(model_paths)
+    check_servable(adapters)
     if fp16 and adapters:
         raise UsageError("--fp16 needs a plain model and the server keeps adapters unmerged (one base serves them all); "
                          "leave --fp16 out, or serve the base alone")
@@ -64,13 +67,47 @@ def build(model_paths: list[str], *, base_model: str | None = None, api_key: str
     return create_app(engine, loaded.tokenizer, served, api_key=api_key), served, loaded
 
 
-def run(app, served: Served, loaded, *, host: str, port: int, api_key: str | None) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, opened before the model loads: a port out of range or in use is a
+    sentence at once, not uvicorn's traceback after a minute of loading; port 0 takes a free one."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be in 0-65535 (got {port}); 0 picks a free port")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: not an address of this machine ({exc.strerror}); 127.0.0.1 serves this machine only") from exc
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        why = ("another program is listening there: stop it, or pick another port (--port 0 takes a free one)"
+               if exc.errno == errno.EADDRINUSE else "choose another --host or --port")
+        raise UsageError(f"--host {host} --port {port}: cannot listen ({exc.strerror}); {why}") from exc
+    return sock
+
+
+def check_servable(adapters: list[tuple[str, Path]]) -> None:
+    """Refuse at start-up what the engine cannot answer with: DoRA adapters (PEFT computes them one
+    adapter at a time, and the server batches requests of every model together)."""
+    from banklora.modeling import adapter_config
+
+    for name, path in adapters:
+        if adapter_config(path).get("use_dora"):
+            raise UsageError(f"--model-path {path}: a DoRA adapter cannot be served beside the base (PEFT applies DoRA to a whole batch, "
+                             f"and the server batches every model's requests together); export it merged with `banklora export --model-path {path} "
+                             f"--format hf` and serve that with --base-model, or talk to it with `banklora chat --model-path {path}`")
+
+
+def run(app, served: Served, loaded, *, sock: socket.socket, api_key: str | None) -> None:
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    host, port = sock.getsockname()[:2]  # the real port, when --port 0 let the system choose
+    if host not in ("127.0.0.1", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who reaches this address can use the models; set --api-key or %s",
                     host, API_KEY_ENV)
     shown = f"[{host}]" if ":" in host else host
     log.info("serving %s%s on %s", served.base, "".join(f", {a}" for a in served.adapters), loaded.device)
     log.info("OpenAI API at http://%s:%d/v1, web chat at http://%s:%d/", shown, port, shown, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
