@@ -16,6 +16,13 @@ FILE = "README.md"
 GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
 
 
+def precision(run) -> str:
+    """How a run computes: "float32", "bfloat16" (bf16 weights, CUDA), or "bf16 autocast over
+    float32 weights" (CPUs with AVX512-BF16 or AMX)."""
+    weights = str(run.loaded.dtype).removeprefix("torch.")
+    return f"{run.precision} autocast over {weights} weights" if getattr(run, "precision", None) else weights
+
+
 def training_metadata(run, wall: float) -> dict:
     """banklora_meta.json of a training run (banklora/train.py's run state): everything the card,
     compare, resume checks and other tools read about an adapter."""
@@ -52,7 +59,7 @@ def training_metadata(run, wall: float) -> dict:
         "validation_loss": state.validation,
         "best_validation": state.best,
         "device": str(run.loaded.device),
-        "dtype": str(run.loaded.dtype).removeprefix("torch."),
+        "dtype": precision(run),
         "loss_per_step": state.losses,
         "wall_time_seconds": round(wall, 2),
         "train_tokens_per_second": round(state.tokens / max(1e-9, state.elapsed), 1),

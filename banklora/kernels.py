@@ -33,12 +33,15 @@ class _LoraDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, scale: float, p: float, training: bool):
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if training and p > 0 else None
-        dropped = x * keep * (1 / (1 - p)) if keep is not None else x
-        u = dropped @ a.T  # (..., r)
-        ctx.save_for_backward(x, keep, u, a, b)
-        ctx.scale, ctx.p = scale, p
-        return (u @ b.T) * scale
+        # in the adapter's dtype (fp32) under bf16 autocast too: the rank-r products cost little, and
+        # backward (which autocast does not cover) then meets the dtypes forward used
+        with torch.autocast(x.device.type, enabled=False):
+            keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p) if training and p > 0 else None
+            dropped = x * keep * (1 / (1 - p)) if keep is not None else x
+            u = dropped @ a.T  # (..., r)
+            ctx.save_for_backward(x, keep, u, a, b)
+            ctx.scale, ctx.p = scale, p
+            return (u @ b.T) * scale
 
     @staticmethod
     def backward(ctx, grad):

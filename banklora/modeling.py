@@ -62,8 +62,30 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_bf16() -> bool:
+    """This CPU multiplies bf16 natively (AVX512-BF16 or AMX), so torch's oneDNN kernels run bf16
+    matmuls faster than fp32 ones; without it they are emulated, many times slower."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def mixed_precision(setting: str, device: torch.device) -> str | None:
+    """"bf16" when training on `device` runs the frozen base's products in bf16 under autocast
+    over fp32 weights (LoRA, AdamW state, the residual stream and the loss stay fp32): on CPUs
+    with AVX512-BF16 or AMX for --dtype auto, on every CPU for --dtype bf16. None otherwise
+    (fp32; CUDA's bf16 loads bf16 weights, pick_dtype)."""
+    if device.type != "cpu" or setting == "fp32":
+        return None
+    if setting == "bf16":
+        if not cpu_bf16():
+            log.warning("--dtype bf16: this CPU has neither AVX512-BF16 nor AMX, so bf16 products are emulated and much slower than fp32")
+        return "bf16"
+    return "bf16" if cpu_bf16() else None
+
+
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmul is hundreds of times slower without AVX512-BF16), bf16 on CUDA."""
+    """The weights' dtype: float32 on CPU (bf16 matmul is hundreds of times slower without
+    AVX512-BF16; training on CPUs that have it uses autocast over fp32 weights, mixed_precision),
+    bf16 on CUDA."""
     if setting in ("fp16", "float16", "half"):
         raise UsageError("fp16 is refused for Gemma: activations reach ~8e5 and overflow float16; use bf16 or fp32")
     if setting == "fp32":

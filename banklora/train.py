@@ -27,7 +27,7 @@ from banklora.data.batching import collate, epoch_batches
 from banklora.data.dataset import dataset_hash, load_examples, source_paths
 from banklora.data.prepare import Prepared, prepare
 from banklora.errors import BankloraError, UsageError
-from banklora.modeling import META_FILE, add_lora, load, load_tokenizer, save_adapter, train_token_ids
+from banklora.modeling import META_FILE, add_lora, load, load_tokenizer, mixed_precision, save_adapter, train_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class _Run:
     warmup: int = 0
     steps_per_epoch: int = 0
     resumed_from: int | None = None
+    precision: str | None = None  # "bf16": the forward under bf16 autocast over fp32 weights (modeling.mixed_precision)
     epoch_order: tuple[int, list] = (-1, [])  # (epoch, its global batches as indices into encoded)
 
     @property
@@ -98,7 +99,11 @@ def train(settings: TrainSettings, show_progress: bool = True, resume: Resume = 
     _check_destinations(settings, overwrite)
     if resume == "auto":
         resume = checkpoint.latest(settings.checkpoints) is not None or None
-    run = _Run(settings, Accelerator(cpu=not torch.cuda.is_available()), *_setup_data(settings))  # cpu=True: multi-process CPU runs use gloo
+    on_cpu = not torch.cuda.is_available()
+    precision = mixed_precision(settings.dtype, torch.device("cpu")) if on_cpu else None
+    # cpu=True: multi-process CPU runs use gloo; mixed_precision: accelerate runs the forward under bf16 autocast
+    run = _Run(settings, Accelerator(cpu=on_cpu, mixed_precision=precision), *_setup_data(settings))
+    run.precision = precision
     found = _setup_checkpoints(run, resume)
     try:
         _setup_model(run)
@@ -173,7 +178,7 @@ def _setup_model(run: _Run) -> None:
     if s.low_memory:
         kernels.return_freed_memory()
     torch.manual_seed(s.seed)  # LoRA's initialisation
-    run.loaded = load(s.base_model, dtype=s.dtype, training=True, device=str(acc.device), quantize=s.quantize, verify=True, tokenizer=run.tokenizer)
+    run.loaded = load(s.base_model, dtype="fp32" if run.precision else s.dtype, training=True, device=str(acc.device), quantize=s.quantize, verify=True, tokenizer=run.tokenizer)
     run.peft_model = add_lora(run.loaded.model, s.lora, quantized=bool(s.quantize), tokenizer=run.loaded.tokenizer)
     # a name other machines can resolve (the hub id the base came from); the local path and sha256 are in the metadata
     run.peft_model.peft_config["default"].base_model_name_or_path = run.loaded.base.hub_id
@@ -236,7 +241,7 @@ def _log_start(run: _Run, found: Path | None) -> None:
         log.info("data: %s", run.data.summary())
         log.info("training %s LoRA parameters on %d examples for %d steps (warmup %d, global batch %d on %d process%s) on %s/%s%s",
                  f"{_trainable_count(run):,}", len(run.encoded), run.total, run.warmup, run.settings.batch_size * acc.num_processes,
-                 acc.num_processes, "es" if acc.num_processes > 1 else "", acc.device, str(run.loaded.dtype).removeprefix("torch."),
+                 acc.num_processes, "es" if acc.num_processes > 1 else "", acc.device, card.precision(run),
                  f"; resumed at step {run.state.step} from {found}" if run.resumed_from is not None else "")
 
 

@@ -96,3 +96,67 @@ def test_the_kernels_keep_less_for_backward(tiny_base, tokenizer):
     _own_forwards(model)
     own = saved_bytes()
     assert ours < 0.75 * own, (ours, own)
+
+
+# ------------------------------------------------------------------------------------- bf16 autocast (mixed precision)
+def test_under_bf16_autocast_the_kernels_match_the_models_own_autocast_loss_and_gradients(tiny_base, tokenizer):
+    """Mixed-precision training (CPUs with AVX512-BF16 or AMX): banklora's kernels and its head loss
+    from a cached bf16 head under bf16 autocast give what transformers and PEFT's own layers give
+    under the same autocast, and stay near the fp32 values: bf16 products, fp32 parameters and grads."""
+    model = _model(tiny_base, dropout=0.0)
+    batch = seed_batch(tokenizer)
+    fp32_loss, fp32 = _loss_and_grads(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours_loss, ours = _loss_and_grads(model, batch)
+    head = model.get_base_model().lm_head.token_adapter.base_layer
+    assert head._banklora_bf16[1].dtype == torch.bfloat16  # the cached copy the head loss read
+    _own_forwards(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        own_loss, own = _loss_and_grads(model, batch, own=True)
+    assert ours_loss == pytest.approx(own_loss, rel=2e-3) and ours_loss == pytest.approx(fp32_loss, rel=2e-3)
+    for name in own:
+        assert ours[name].dtype == torch.float32, name  # the optimizer sees fp32 gradients
+        for reference in (own[name], fp32[name]):
+            err = ((ours[name] - reference).norm() / reference.norm()).item()
+            assert err < 0.1, (name, err)  # bf16's 8-bit mantissa, through a 2-layer model: a few % at most
+
+
+def test_the_cached_bf16_head_follows_its_weight():
+    from banklora.loss import _bf16_copy
+
+    head = torch.nn.Linear(4, 6, bias=False)
+    first = _bf16_copy(head)
+    assert _bf16_copy(head) is first and torch.equal(first, head.weight.detach().to(torch.bfloat16))
+    with torch.no_grad():
+        head.weight.mul_(2)  # an in-place change bumps the version: a fresh copy
+    assert torch.equal(_bf16_copy(head), head.weight.detach().to(torch.bfloat16))
+
+
+def test_mixed_precision_is_chosen_by_what_the_cpu_has(monkeypatch):
+    from banklora import modeling
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(modeling, "cpu_bf16", lambda: True)
+    assert [modeling.mixed_precision(s, cpu) for s in ("auto", "bf16", "fp32")] == ["bf16", "bf16", None]
+    assert modeling.mixed_precision("auto", cuda) is None  # CUDA's bf16 is bf16 weights (pick_dtype)
+    monkeypatch.setattr(modeling, "cpu_bf16", lambda: False)  # an AVX2-only CPU: fp32, as before
+    assert modeling.mixed_precision("auto", cpu) is None
+    assert modeling.mixed_precision("bf16", cpu) == "bf16"  # asked for: done, with a warning that it is slow here
+
+
+def test_a_run_records_its_precision_and_an_avx2_cpu_trains_in_fp32(tiny_base, small_data, tmp_path, monkeypatch):
+    from banklora import modeling
+    from banklora.config import TrainSettings
+    from banklora.train import train
+
+    def run(name):
+        settings = TrainSettings(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(tmp_path / name), max_steps=2,
+                                 batch_size=2, turn_end_budget=0)
+        return train(settings, show_progress=False).meta
+
+    expected = "bf16 autocast over float32 weights" if modeling.cpu_bf16() else "float32"
+    assert run("here")["dtype"] == expected
+    monkeypatch.setattr(modeling, "cpu_bf16", lambda: False)
+    meta = run("avx2")
+    assert meta["dtype"] == "float32" and all(x is not None for x in meta["loss_per_step"])
+    assert "float32 on cpu" in (tmp_path / "avx2" / "README.md").read_text()

@@ -189,9 +189,11 @@ def test_train_split_trains_and_validation_split_is_scored_each_epoch(tiny_base,
 
     loaded = load(str(out))
     validation = prepare(load_examples([str(data)], split="validation"), loaded.tokenizer, 512).encoded
-    with torch.no_grad():
+    mixed = meta["dtype"].startswith("bf16 autocast")  # a CPU with AVX512-BF16 or AMX trains (and validates) in mixed precision
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
         expected = answer_loss(loaded.model, collate(validation, pad_id=0)).item()
-    assert meta["validation_loss"][-1]["loss"] == pytest.approx(expected, abs=1e-4)
+    # the same products, in another order (the saved adapter merged for inference): bf16 rounding differs by ~1e-4 relative
+    assert meta["validation_loss"][-1]["loss"] == pytest.approx(expected, rel=1e-3 if mixed else 0, abs=0 if mixed else 1e-4)
 
 
 @pytest.mark.parametrize("name", ["seed", "cpu_quick", "gpu"])
