@@ -38,9 +38,11 @@ def test_the_first_step_trains_on_the_base_models_own_loss(adapter):
     base = load("gemma-3-270m")
     encoded = prepare(load_examples(["banking-seed"]), base.tokenizer, 256).split("train")[1]
     first = epoch_batches([len(e) for e in encoded], 2, 42, 0, True)[0]
-    with torch.no_grad():
+    mixed = meta["dtype"].startswith("bf16 autocast")  # CPUs with AVX512-BF16 or AMX train in mixed precision
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
         expected = answer_loss(base.model, collate([encoded[i] for i in first], pad_id=0)).item()
-    assert meta["loss_per_step"][0] == pytest.approx(expected, abs=1e-4)
+    # bf16: the same products through banklora's kernels and PEFT's unused LoRA round differently (~1e-4 relative)
+    assert meta["loss_per_step"][0] == pytest.approx(expected, rel=2e-3 if mixed else 0, abs=0 if mixed else 1e-4)
 
 
 def test_reload_compare_and_base_answers_match_the_plain_base(adapter):
