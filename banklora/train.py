@@ -94,6 +94,7 @@ def train(settings: TrainSettings, show_progress: bool = True, resume: Resume = 
     overwrite: --output-dir may replace a directory banklora did not write (banklora.destination).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     start = time.perf_counter()
     _check_destinations(settings, overwrite)
@@ -101,6 +102,10 @@ def train(settings: TrainSettings, show_progress: bool = True, resume: Resume = 
         resume = checkpoint.latest(settings.checkpoints) is not None or None
     on_cpu = not torch.cuda.is_available()
     precision = mixed_precision(settings.dtype, torch.device("cpu")) if on_cpu else None
+    # accelerate keeps one AcceleratorState per process, and a second Accelerator silently inherits the first's
+    # mixed precision: a fp32 run after a bf16 one (sweep, tests, notebooks) would train in bf16. Reset it (the
+    # process group, PartialState, stays).
+    AcceleratorState._reset_state()
     # cpu=True: multi-process CPU runs use gloo; mixed_precision: accelerate runs the forward under bf16 autocast
     run = _Run(settings, Accelerator(cpu=on_cpu, mixed_precision=precision), *_setup_data(settings))
     run.precision = precision

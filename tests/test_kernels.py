@@ -160,3 +160,23 @@ def test_a_run_records_its_precision_and_an_avx2_cpu_trains_in_fp32(tiny_base, s
     meta = run("avx2")
     assert meta["dtype"] == "float32" and all(x is not None for x in meta["loss_per_step"])
     assert "float32 on cpu" in (tmp_path / "avx2" / "README.md").read_text()
+
+
+def test_each_run_in_one_process_trains_in_its_own_precision(tiny_base, small_data, tmp_path):
+    """accelerate keeps one state per process: a fp32 run after a bf16 one must not inherit bf16 autocast."""
+    from accelerate.state import AcceleratorState
+
+    from banklora.config import TrainSettings
+    from banklora.train import train
+
+    seen = {}
+
+    def run(name, dtype):
+        settings = TrainSettings(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(tmp_path / name), max_steps=1,
+                                 batch_size=2, turn_end_budget=0, dtype=dtype)
+        train(settings, show_progress=False, on_step=lambda state: seen.__setitem__(name, AcceleratorState().mixed_precision))
+
+    run("mixed", "bf16")
+    run("plain", "fp32")
+    run("mixed-again", "bf16")
+    assert seen == {"mixed": "bf16", "plain": "no", "mixed-again": "bf16"}
