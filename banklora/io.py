@@ -58,13 +58,18 @@ def atomic_save_figure(fig, path: Path, **savefig) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def is_png_from_matplotlib(path: Path) -> bool:
-    """A PNG that matplotlib wrote (its Software text chunk says so): a plot banklora may redraw."""
+def read_head(path: Path, size: int) -> bytes:
+    """The first `size` bytes of a file, or b"" when it cannot be read: enough to tell a file banklora wrote."""
     try:
         with open(path, "rb") as f:
-            head = f.read(256)
+            return f.read(size)
     except OSError:
-        return False
+        return b""
+
+
+def is_png_from_matplotlib(path: Path) -> bool:
+    """A PNG that matplotlib wrote (its Software text chunk says so): a plot banklora may redraw."""
+    head = read_head(path, 256)
     return head.startswith(b"\x89PNG") and b"Matplotlib" in head
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from banklora.data.stats import CATEGORY_EN
 from banklora.evaluation.compare import BINARY, BREAKDOWN_SHOWN, LOWER_IS_BETTER, binary_finding, breakdown_rows, fmt, share, summary_keys
 from banklora.evaluation.knowledge import knowledge_markdown
-from banklora.io import atomic_write_text, to_json
+from banklora.io import atomic_write_text, read_head, to_json
 
 COLORS = ("#7f8c8d", "#2e86de", "#27ae60", "#e67e22", "#8e44ad")
 
@@ -29,17 +29,15 @@ def check_report_path(json_path: Path | None, reads=()) -> None:
     and no file there but an earlier banklora report."""
     from banklora import destination
 
+    # the JSON path first: an empty --report (".") has no name to put the .md and .html suffixes on
     destination.check(json_path, "--report", directory=False, reads=reads, ours=_is_report, example="reports/compare.json")
-    for path in report_paths(json_path).values():
+    paths = report_paths(json_path)
+    for path in (paths["markdown"], paths["html"]):
         destination.check(path, "--report", directory=False, reads=reads, ours=_is_report, example="reports/compare.json")
 
 
 def _is_report(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(400)
-    except OSError:
-        return False
+    head = read_head(path, 400)
     return b"banklora-compare/" in head or head.startswith(b"# banklora compare") or b"<title>banklora compare</title>" in head
 
 
