@@ -123,7 +123,8 @@ def model_card(meta: dict, adapter_config: dict) -> str:
     turn = meta.get("turn_end")
     if turn:
         lines.append(f"- ends its turn: P(<end_of_turn>) after a validation answer {turn['mean_probability']:.3f} (median rank "
-                     f"{turn['median_rank']:g}); {turn['ended']} of {turn['prompts']} greedy validation answers ended within {turn['budget']} tokens, {turn.get('looped', 0)} looped")
+                     f"{turn['median_rank']:g}); {turn['ended']} of {turn['prompts']} greedy validation answers ended within {turn['budget']} tokens, {turn.get('looped', 0)} looped"
+                     + (f" ({turn['dtype']} weights)" if turn.get("dtype") else ""))
     lines += _evaluation(meta.get("evaluation"))
     lines += [
         "",

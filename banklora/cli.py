@@ -60,6 +60,7 @@ DataOpt = Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP 
 # repetition controls, the same flags for chat and compare (GenerationSettings checks the values)
 FrequencyPenaltyOpt = Annotated[float, typer.Option(help="Lower a token's logit by this x the times it is already in the answer (OpenAI's frequency_penalty); -2..2, 0 = off.")]
 PresencePenaltyOpt = Annotated[float, typer.Option(help="Lower a token's logit by this once it is in the answer (OpenAI's presence_penalty); -2..2, 0 = off.")]
+InferenceDtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights for answering: auto (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, about 2x faster there; fp32 elsewhere), bf16 or fp32.")]
 RepetitionPenaltyOpt = Annotated[float, typer.Option(help="Divide the logit of every token already in the prompt or the answer by this (vLLM's repetition_penalty; multiplied when negative); 1 = off, 1.1-1.3 curbs loops.")]
 
 
@@ -350,6 +351,7 @@ def compare(
     repetition_penalty: RepetitionPenaltyOpt = 1.0,
     frequency_penalty: FrequencyPenaltyOpt = 0.0,
     presence_penalty: PresencePenaltyOpt = 0.0,
+    dtype: InferenceDtypeOpt = "auto",
 ) -> None:
     """Base vs fine-tuned on the same questions: quality metrics with statistics, compliance, speed,
     and a multiple-choice knowledge test."""
@@ -371,7 +373,8 @@ def compare(
     report = default_report_path(adapters[-1]) if report is None else report
     check_report_path(report, reads=[("an adapter", a) for a in adapters])  # before the compare runs, not after
     result = run_compare(adapters, questions=questions or default, split=split, settings=settings, batch_size=batch_size,
-                         limit=limit, base_model=base_model, rules_file=compliance_rules, knowledge_tests=tests, show_progress=True)
+                         limit=limit, base_model=base_model, rules_file=compliance_rules, knowledge_tests=tests, show_progress=True,
+                         dtype=dtype)
     paths = _write_reports_or_keep(result, report)
     for name, info in result["adapters"].items():
         record_evaluation(Path(info["path"]), result, name)  # the model card carries the latest comparison
@@ -418,6 +421,7 @@ def chat(
     frequency_penalty: FrequencyPenaltyOpt = 0.0,
     presence_penalty: PresencePenaltyOpt = 0.0,
     repetition_penalty: RepetitionPenaltyOpt = CHAT_REPETITION_PENALTY,
+    dtype: InferenceDtypeOpt = "auto",
 ) -> None:
     """Talk to a fine-tuned (or base) model, with streaming output."""
     from banklora.chat import answer_once, repl
@@ -429,12 +433,12 @@ def chat(
                                   presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
     if max_context <= max_new_tokens:
         raise UsageError(f"--max-context ({max_context}) must exceed --max-new-tokens ({max_new_tokens})")
-    loaded = load(model_path, base_model=base_model, serve=ServingSettings(merge=True, int8_head=int8, fp16_weights=fp16))  # one adapter: merged
+    loaded = load(model_path, base_model=base_model, dtype=dtype, serve=ServingSettings(merge=True, int8_head=int8, fp16_weights=fp16))  # one adapter: merged
     if prompt is not None:
         answer_once(loaded, prompt, settings, stream, sys.stdout)
         return
     what = f"adapter {loaded.adapter_path} on {loaded.base.name}" if loaded.adapter_path else loaded.base.name
-    err_console.print(f"[dim]{what} on {loaded.device}[/]")
+    err_console.print(f"[dim]{what} on {loaded.device}, {str(loaded.dtype).removeprefix('torch.')} weights[/]")
     repl(loaded, settings, stream, max_context, sys.stdout)
 
 
@@ -450,13 +454,14 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a slot; past it the server answers 429 with Retry-After.")] = 64,
     int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see README, Performance).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 (CPU; the base served alone only).")] = False,
+    dtype: InferenceDtypeOpt = "auto",
 ) -> None:
     """Serve the base and adapters over an OpenAI-compatible API, with a web chat at /."""
     from banklora.serve.launch import bind, build, run
 
     with bind(host, port) as sock:  # before the model loads: a taken port is a sentence at once
         served_app, served, loaded = build(model_path or [], base_model=base_model, api_key=api_key, max_batch_size=max_batch_size,
-                                           max_queue=max_queue, int8=int8, fp16=fp16)
+                                           max_queue=max_queue, int8=int8, fp16=fp16, dtype=dtype)
         run(served_app, served, loaded, sock=sock, api_key=api_key)
 
 

@@ -34,7 +34,11 @@ def run_checks(base_model: str | None, model_path: str | None = None, data: tupl
         bf16 = torch.cuda.is_bf16_supported()
         checks.append(Check("device", True, f"CUDA: {name} ({'bf16' if bf16 else 'fp32, no bf16'})"))
     else:
-        checks.append(Check("device", True, f"CPU ({platform.machine()}), float32; no CUDA GPU found"))
+        from banklora.modeling import cpu_bf16
+
+        precision = ("bf16 native (AVX512-BF16 or AMX): training in bf16 mixed precision, answering with bf16 weights" if cpu_bf16()
+                     else "no native bf16 (AVX512-BF16 or AMX): training and answering in float32")
+        checks.append(Check("device", True, f"CPU ({platform.machine()}), {precision}; no CUDA GPU found"))
     checks.append(Check("threads", True, f"torch uses {torch.get_num_threads()} of {os.cpu_count()} cores"))
 
     from banklora.config import GenerationSettings

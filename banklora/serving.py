@@ -66,7 +66,20 @@ def apply(model, settings: ServingSettings, device: torch.device, adapters: int)
         stack_adapters(model, decode=device.type == "cpu")
     elif hasattr(model, "peft_config"):
         kernels.install_token_rows(model)  # trained turn-token rows without copying the embedding at every step
+    contiguous_head_input(model)
     return model
+
+
+def contiguous_head_input(model) -> None:
+    """The LM head takes its input contiguous. transformers hands it hidden_states[:, -1:, :] (a
+    strided view) when only the last position's logits are kept, and torch's linear on such a 3-D
+    view broadcasts the 262,144 x 640 weight over the batch: measured on 2 cores, 8 rows take 11.9 s
+    in bf16 against 0.04 s contiguous, 0.32 s against 0.17 s in fp32."""
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_banklora_contiguous", False):
+        head.register_forward_pre_hook(lambda _module, args, kwargs: ((args[0].contiguous(), *args[1:]), kwargs) if args else None,
+                                       with_kwargs=True)
+        head._banklora_contiguous = True
 
 
 def int8_head(model) -> None:

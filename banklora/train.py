@@ -11,6 +11,7 @@ in a row abort; the best adapter by validation loss is kept beside the last.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -27,7 +28,7 @@ from banklora.data.batching import collate, epoch_batches
 from banklora.data.dataset import dataset_hash, load_examples, source_paths
 from banklora.data.prepare import Prepared, prepare
 from banklora.errors import BankloraError, UsageError
-from banklora.modeling import META_FILE, add_lora, load, load_tokenizer, mixed_precision, save_adapter, train_token_ids
+from banklora.modeling import META_FILE, add_lora, frozen_in_bf16, load, load_tokenizer, mixed_precision, save_adapter, train_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +429,9 @@ def _turn_end(run: _Run) -> dict:
     from banklora.evaluation import turn_end
 
     start = time.perf_counter()
-    result = turn_end.check(run.peft_model, run.loaded.tokenizer, run.data.split("validation")[0], budget=run.settings.turn_end_budget)
+    # a run in bf16 mixed precision is checked with bf16 weights, as compare, chat and serve load it here
+    with frozen_in_bf16(run.peft_model) if run.precision == "bf16" else contextlib.nullcontext():
+        result = turn_end.check(run.peft_model, run.loaded.tokenizer, run.data.split("validation")[0], budget=run.settings.turn_end_budget)
     log.info("turn-end check on %d validation examples (%.0f s): %s", result.prompts, time.perf_counter() - start, result.summary())
     if result.warning():
         log.warning(result.warning())

@@ -10,6 +10,8 @@ formatter), greedy, the same token budget. Each variant runs in its own process:
   merged+int8  banklora: merged, then the LM head's weights in int8 (chat --int8)
   merged+int8+fp16  banklora: as merged+int8, and the decoder's linear weights in fp16 for
                decoding (chat --int8 --fp16)
+  A variant naming fp32 or bf16 loads its weights in that dtype (--dtype); the others take
+  `--dtype auto`'s (bf16 on CPUs with AVX512-BF16 or AMX; fp32 under --int8 and --fp16).
 Printed per variant: decode tokens/s single stream (prompt 1) and summed over a batch of 8,
 time to first token (single stream), and the ratio to plain. A tiny first call warms each up.
 With no --adapter, one is trained for 2 steps on banking-seed (its B matrices are non-zero).
@@ -50,7 +52,8 @@ def _model(variant: str, adapter: str):
     from banklora.modeling import load
     from banklora.serving import ServingSettings
 
-    loaded = load(adapter, serve=ServingSettings(merge=True, int8_head="int8" in variant, fp16_weights="fp16" in variant))
+    dtype = next((d for d in ("fp32", "bf16") if d in variant), "auto")
+    loaded = load(adapter, dtype=dtype, serve=ServingSettings(merge=True, int8_head="int8" in variant, fp16_weights="fp16" in variant))
     return loaded.model, loaded.tokenizer
 
 

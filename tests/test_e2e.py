@@ -46,7 +46,7 @@ def test_the_first_step_trains_on_the_base_models_own_loss(adapter):
 
 
 def test_reload_compare_and_base_answers_match_the_plain_base(adapter):
-    loaded = load(str(adapter))
+    loaded = load(str(adapter), dtype="fp32")  # fp32: answers batched with others and alone agree to the token
     assert loaded.base.name == "gemma-3-270m" and loaded.adapter_path == adapter
     settings = GenerationSettings(max_new_tokens=12)
     report = run_compare(str(adapter), settings=settings, limit=2, loaded=loaded)
@@ -60,7 +60,7 @@ def test_reload_compare_and_base_answers_match_the_plain_base(adapter):
     # two fine-tuning steps at lr 1e-3 already make the reference answers more likely
     assert report["summary"]["lora_banking"]["ref_perplexity"] < report["summary"]["base"]["ref_perplexity"]
     # "base" in the report is the base model itself, not the adapter.
-    plain = load("gemma-3-270m")
+    plain = load("gemma-3-270m", dtype="fp32")
     prompt = encode_prompt(plain.tokenizer, "借记卡密码忘了，该怎么处理？")
     expected = generate_batch(plain.model, plain.tokenizer, [prompt], settings)[0].text
     assert report["questions"][0]["answers"]["base"]["answer"] == expected

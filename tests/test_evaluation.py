@@ -366,10 +366,10 @@ def test_multi_turn_questions_are_answered_and_scored_on_the_same_conversation(t
              {"role": "user", "content": "有的，需要准备什么材料？"}, {"role": "assistant", "content": "请准备身份证和收入证明。"}]
     questions = tmp_path / "dialogue.jsonl"
     questions.write_text(json.dumps({"messages": turns, "keywords": ["身份证"]}, ensure_ascii=False) + "\n")
-    report = run_compare([str(tiny_adapter)], questions=[str(questions)], settings=GenerationSettings(max_new_tokens=5))
+    report = run_compare([str(tiny_adapter)], questions=[str(questions)], settings=GenerationSettings(max_new_tokens=5), dtype="fp32")
     q = report["questions"][0]
     assert q["question"] == "有的，需要准备什么材料？" and q["conversation"] == turns[:3]
-    loaded = load(str(tiny_adapter))
+    loaded = load(str(tiny_adapter), dtype="fp32")
     prompt = encode_conversation(loaded.tokenizer, turns[:3], add_generation_prompt=True).input_ids
     assert q["answers"]["tiny"]["answer"] == generate_batch(loaded.model, loaded.tokenizer, [prompt], GenerationSettings(max_new_tokens=5))[0].text
     scored = encode_conversation(loaded.tokenizer, turns, last_answer_only=True)
@@ -388,7 +388,7 @@ def test_reference_nll_equals_one_plain_forward_pass_per_answer(tiny_adapter):
     from banklora.evaluation.compare import reference_nll
     from banklora.modeling import load
 
-    loaded = load(str(tiny_adapter))
+    loaded = load(str(tiny_adapter), dtype="fp32")
     model, tok = loaded.model, loaded.tokenizer
     long = [e for e in load_examples(["banking"], split="test") if len(tok(e.output).input_ids) > 80][:3]
     shared = [Example(instruction="定期存款提前支取怎么计息？", output=o) for o in ("按活期利率", "按原定期利率计息，不受影响", "不计利息")]

@@ -63,8 +63,8 @@ def questions(adapter):
 
 @pytest.fixture(scope="module")
 def banklora_answers(adapter, questions):
-    """banklora's greedy answers on the merged model, one question at a time (no padding)."""
-    merged = load(str(adapter), serve=ServingSettings(merge=True))
+    """banklora's greedy answers on the merged model, one question at a time (no padding), in fp32 like the F32 GGUF."""
+    merged = load(str(adapter), dtype="fp32", serve=ServingSettings(merge=True))
     return [g.text for g in generate_batch(merged.model, merged.tokenizer, questions[1], GenerationSettings(max_new_tokens=TOKENS), batch_size=1)]
 
 

@@ -19,8 +19,8 @@ def _ids(tokenizer):
 
 
 def test_a_merged_adapter_gives_the_adapters_logits_without_lora_layers(tiny_adapter, tokenizer):
-    adapter = load(str(tiny_adapter))
-    merged = load(str(tiny_adapter), serve=MERGED)
+    adapter = load(str(tiny_adapter), dtype="fp32")
+    merged = load(str(tiny_adapter), dtype="fp32", serve=MERGED)
     assert not any("lora_" in name for name, _ in merged.model.named_parameters())
     with torch.no_grad():
         a, b = adapter.model(input_ids=_ids(tokenizer)).logits, merged.model(input_ids=_ids(tokenizer)).logits
@@ -149,3 +149,68 @@ def test_stacked_adapters_are_for_serving_only(tiny_adapter, tiny_base):
         load(str(tiny_adapter), serve=ServingSettings(merge=True, stacked=True))
     with pytest.raises(UsageError, match="stacked"):
         load(str(tiny_base), training=True, serve=ServingSettings(stacked=True))
+
+
+def test_answering_loads_bf16_weights_where_the_cpu_multiplies_them(tiny_base, monkeypatch):
+    """--dtype auto: bf16 weights for answering on a CPU with AVX512-BF16 or AMX, fp32 on one
+    without (emulated bf16 is many times slower), fp32 for training (its bf16 is autocast over fp32
+    weights) and under the fp32 fast paths (--int8, --fp16)."""
+    from banklora import modeling
+
+    monkeypatch.setattr(modeling, "cpu_bf16", lambda: True)
+    answering = load(str(tiny_base))
+    assert answering.dtype == torch.bfloat16 and {p.dtype for p in answering.model.parameters()} == {torch.bfloat16}
+    assert load(str(tiny_base), training=True).dtype == torch.float32
+    assert load(str(tiny_base), dtype="fp32").dtype == torch.float32
+    assert load(str(tiny_base), serve=INT8).dtype == torch.float32
+    with pytest.raises(UsageError, match="--int8 and --fp16 are fast paths over fp32 weights"):
+        load(str(tiny_base), dtype="bf16", serve=INT8)
+    with pytest.raises(UsageError, match="--dtype must be one of auto, fp32, bf16"):
+        load(str(tiny_base), dtype="f32")
+    monkeypatch.setattr(modeling, "cpu_bf16", lambda: False)  # an AVX2-only CPU
+    assert load(str(tiny_base)).dtype == torch.float32
+
+
+def test_bf16_answers_score_the_references_as_fp32_does(tiny_adapter):
+    """The cost of bf16 weights for answering: each reference answer's NLL within 1% of fp32's,
+    through the adapter with its trained turn-token rows, unmerged (compare) and merged (chat)."""
+    from banklora.data.dataset import load_examples
+    from banklora.evaluation.compare import reference_nll
+
+    examples = load_examples(["banking-eval"])[:4]
+    fp32 = load(str(tiny_adapter), dtype="fp32")
+    exact = reference_nll(fp32.model, fp32.tokenizer, examples)
+    for serve in (ServingSettings(), MERGED):
+        bf16 = load(str(tiny_adapter), dtype="bf16", serve=serve)
+        assert {p.dtype for n, p in bf16.model.named_parameters() if "lora_" not in n and "trainable_tokens" not in n} == {torch.bfloat16}
+        close = reference_nll(bf16.model, bf16.tokenizer, examples)
+        assert close != exact and all(abs(a - b) <= 0.01 * a for a, b in zip(exact, close))
+        out = generate_batch(bf16.model, bf16.tokenizer, [bf16.tokenizer("您好")["input_ids"]], GenerationSettings(max_new_tokens=5))
+        assert out[0].new_tokens > 0
+
+
+def test_the_lm_head_reads_a_contiguous_input_in_generation(tiny_adapter, tokenizer):
+    """transformers hands the head hidden_states[:, -1:, :] when only the last logits are kept; a
+    strided 3-D input makes torch's linear broadcast the 262,144-row weight over the batch (measured
+    300x slower in bf16, 2x in fp32). The loader makes the head take it contiguous."""
+    loaded = load(str(tiny_adapter), dtype="fp32")
+    head, _ = token_rows(loaded.model.get_output_embeddings())
+    seen = []
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    prompts = [encode_prompt(tokenizer, q) for q in ("您好，请问信用卡逾期会影响征信吗？", "如何开户？", "转账限额是多少？")]
+    generate_batch(loaded.model, loaded.tokenizer, prompts, GenerationSettings(max_new_tokens=3), batch_size=3)
+    handle.remove()
+    assert seen and all(seen)
+
+
+def test_frozen_in_bf16_puts_the_fp32_weights_back(tiny_adapter):
+    from banklora.modeling import frozen_in_bf16
+
+    loaded = load(str(tiny_adapter), dtype="fp32")
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    lora = next(p for n, p in loaded.model.named_parameters() if "lora_A" in n)
+    lora.requires_grad_(True)  # trainable: stays fp32
+    with frozen_in_bf16(loaded.model) as model:
+        assert lora.dtype == torch.float32
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in loaded.model.named_parameters())

@@ -33,7 +33,7 @@ def report(tiny_adapter, mcq_file):
     from banklora.evaluation.compare import run_compare
 
     return run_compare([str(tiny_adapter)], questions=["banking"], split="test", limit=2, settings=GenerationSettings(max_new_tokens=2),
-                       knowledge_tests=[str(mcq_file)])
+                       knowledge_tests=[str(mcq_file)], dtype="fp32")  # checked against a plain fp32 forward pass
 
 
 def test_each_option_is_scored_by_its_mean_nll_as_the_answer_and_the_lowest_is_chosen(report, tiny_base):

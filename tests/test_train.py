@@ -68,7 +68,7 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_ba
     assert not any(name.endswith(".bin") for name in files)
 
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tiny_adapter).eval()
-    ours = load(str(tiny_adapter)).model
+    ours = load(str(tiny_adapter), dtype="fp32").model
     ids = torch.tensor([tokenizer("您好，请问怎么开户？")["input_ids"]])
     with torch.no_grad():
         a, b = plain(input_ids=ids).logits, ours(input_ids=ids).logits

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from banklora.config import TrainSettings
 from banklora.data.dataset import load_examples
 from banklora.data.format import IGNORE_INDEX, encode_conversation
+from banklora import modeling
 from banklora.evaluation import turn_end
 from banklora.modeling import load
 from banklora.progress import METRICS_FILE
@@ -31,7 +32,7 @@ def _own_end_probability(model, tokenizer, example) -> tuple[float, int]:
 
 
 def test_end_probabilities_are_the_models_own_at_the_answers_end(tiny_adapter, tokenizer):
-    loaded = load(str(tiny_adapter))
+    loaded = load(str(tiny_adapter), dtype="fp32")
     examples = load_examples(["banking-seed"])[:5]  # answers of different lengths: left padding in one batch
     ours = turn_end.end_probabilities(loaded.model, loaded.tokenizer, examples, batch_size=4)
     for example, (p, rank) in zip(examples, ours):
@@ -88,6 +89,10 @@ def test_every_run_records_the_turn_end_check(runs):
         check = meta["turn_end"]
         assert check["examples"] == check["prompts"] == 2 and check["budget"] == 8 and 0 <= check["ended"] <= 2
         assert 0 <= check["mean_probability"] <= 1 and check["median_rank"] >= 1 and check["looped"] <= 2
+        # answered with the weights compare and chat load on this CPU; the saved adapter stays fp32
+        assert check["dtype"] == ("bfloat16" if modeling.cpu_bf16() else "float32")
+        with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
         records = [json.loads(line) for line in (adapter / METRICS_FILE).read_text().splitlines()]
         assert records[-1] == {"step": 12, "turn_end": check}
         assert "ends its turn: P(<end_of_turn>)" in (adapter / "README.md").read_text()

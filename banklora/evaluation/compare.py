@@ -218,6 +218,7 @@ def run_compare(
     loaded: Loaded | None = None,
     knowledge_tests: list[str] = (),
     show_progress: bool = False,
+    dtype: str = "auto",
 ) -> dict:
     """Answer every question with the base model and each adapter, and score the multiple-choice
     knowledge tests (built-in names or files) by likelihood; return the report."""
@@ -231,7 +232,7 @@ def run_compare(
                 raise UsageError(f"--peft-model-path {p} does not exist; train an adapter first (banklora train --output-dir {p})")
             if not is_adapter_dir(p):
                 raise UsageError(f"--peft-model-path {p} is not a LoRA adapter directory (no adapter_config.json)")
-        loaded = load(paths[0], base_model=base_model, more_adapters=tuple(paths[1:]), verify=True)  # hashing is small next to a compare
+        loaded = load(paths[0], base_model=base_model, more_adapters=tuple(paths[1:]), verify=True, dtype=dtype)  # hashing is small next to a compare
     examples = load_examples(list(questions), split=split, questions=True)[:limit]
     if not examples:
         raise UsageError(f"no questions in {', '.join(questions)}" + (f" with split {split}" if split else ""))
@@ -279,6 +280,7 @@ def run_compare(
         "split": split,
         "generation": asdict(settings) | {"greedy": settings.temperature == 0, "decoding": settings.decoding(), "batch_size": batch_size},
         "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
         "metric_definitions": {
             "overall": "0.6 x keyword_match + 0.4 x completeness (completeness alone for a question without keywords)",
             "keyword_match": "share of the question's keywords (or synonyms) in the answer, echoes of the question removed; n/a without keywords",
@@ -358,7 +360,7 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
     models = report["models"]
     last = models[-1]
     table = Table(title=f"{len(report['questions'])} questions, {report['generation'].get('decoding', 'greedy')}, same prompts and token budget "
-                        f"({report['generation']['max_new_tokens']} tokens)")
+                        f"({report['generation']['max_new_tokens']} tokens)" + (f", {report['dtype']} weights" if report.get("dtype") else ""))
     for col in ("#", "category", "question", *[f"overall {m}" for m in models], f"Δ {last}", "keywords b→t", "rouge-L b→t", "ppl b→t"):
         table.add_column(col, justify="left" if col in ("category", "question") else "right")
     for i, q in enumerate(report["questions"], 1):

@@ -54,7 +54,8 @@ def markdown(report: dict) -> str:
     models = report["models"]
     lines = [f"# banklora compare: {', '.join(models[1:])} vs base", "",
              f"{len(report['questions'])} questions ({', '.join(report['questions_source'])}"
-             + (f", split {report['split']}" if report["split"] else "") + f"); {report['generation'].get('decoding', 'greedy')}, {report['generation']['max_new_tokens']} new tokens; base model {report['base_model']['name']}.", "",
+             + (f", split {report['split']}" if report["split"] else "") + f"); {report['generation'].get('decoding', 'greedy')}, {report['generation']['max_new_tokens']} new tokens; base model {report['base_model']['name']}"
+             + (f", {report['dtype']} weights on {report['device']}" if report.get("dtype") else "") + ".", "",
              "## Means per model", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for key in summary_keys():
         lines.append(f"| {key} | " + " | ".join(fmt(report["summary"][m][key], ".3f") for m in models) + " |")
@@ -140,7 +141,7 @@ img{max-width:100%;display:block;margin:8px 0}
 </style></head><body>
 <h1>banklora compare: {{ models[1:]|join(", ") }} vs base</h1>
 <p>{{ questions|length }} questions ({{ report.questions_source|join(", ") }}{% if report.split %}, split {{ report.split }}{% endif %}),
-{{ report.generation.decoding or "greedy" }}, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.base_model.name }}, {{ report.created_at }}.</p>
+{{ report.generation.decoding or "greedy" }}, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.base_model.name }}{% if report.dtype %}, {{ report.dtype }} weights on {{ report.device }}{% endif %}, {{ report.created_at }}.</p>
 <h2>Means per model</h2>
 <table id="means"><tr><th>metric</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
 {% for key in quality %}<tr><td class="text">{{ key }}</td>{% for m in models %}<td>{{ fmt(report.summary[m][key], ".3f") }}</td>{% endfor %}</tr>{% endfor %}

@@ -15,6 +15,7 @@ metadata, the model card) and `banklora doctor --model-path` on demand.
 
 from __future__ import annotations
 
+import collections
 import statistics as stats
 from dataclasses import asdict, dataclass
 
@@ -38,6 +39,7 @@ class TurnEnd:
     ended: int  # ... whose answer ended within the budget
     looped: int  # ... whose answer is a repetition loop (evaluation/metrics.py `loops`)
     budget: int  # new tokens each answer could take
+    dtype: str = "float32"  # the weights it answered with (bf16 where the CPU has it: as chat, compare and serve load them)
 
     @property
     def ended_share(self) -> float:
@@ -48,7 +50,7 @@ class TurnEnd:
 
     def summary(self) -> str:
         return (f"P(<end_of_turn>) after the answer {self.mean_probability:.3f} (median rank {self.median_rank:g}); "
-                f"{self.ended} of {self.prompts} greedy answers ended within {self.budget} tokens, {self.looped} looped")
+                f"{self.ended} of {self.prompts} greedy answers ended within {self.budget} tokens, {self.looped} looped ({self.dtype} weights)")
 
     def warning(self) -> str | None:
         """A sentence that names the fix when the model rarely ends its turn, else None."""
@@ -110,4 +112,13 @@ def check(model, tokenizer, examples, budget: int = BUDGET, batch_size: int = 64
         mean_probability=round(stats.fmean(p for p, _ in found), 4) if found else 0.0,
         median_rank=stats.median(r for _, r in found) if found else 0.0,
         prompts=len(gens), ended=sum(g.finished for g in gens), looped=sum(metrics.loops(g.text) for g in gens), budget=budget,
+        dtype=weights_dtype(model),
     )
+
+
+def weights_dtype(model) -> str:
+    """The dtype most of `model`'s weights are in ("bfloat16", "float32")."""
+    sizes = collections.Counter()
+    for param in model.parameters():
+        sizes[param.dtype] += param.numel()
+    return str(sizes.most_common(1)[0][0]).removeprefix("torch.") if sizes else "float32"

@@ -42,7 +42,7 @@ def parse_model_paths(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def build(model_paths: list[str], *, base_model: str | None = None, api_key: str | None = None, max_batch_size: int = 8,
-          max_queue: int = 64, int8: bool = False, fp16: bool = False, device: str | None = None):
+          max_queue: int = 64, int8: bool = False, fp16: bool = False, device: str | None = None, dtype: str = "auto"):
     """Load the base and adapters (verified) and return the app and what it serves."""
     if max_batch_size < 1:
         raise UsageError(f"--max-batch-size must be at least 1 (got {max_batch_size})")
@@ -57,7 +57,7 @@ def build(model_paths: list[str], *, base_model: str | None = None, api_key: str
                          "leave --fp16 out, or serve the base alone")
     names = tuple(name for name, _ in adapters)
     first, more = (str(adapters[0][1]), tuple(str(p) for _, p in adapters[1:])) if adapters else (base_model, ())
-    loaded = load(first, base_model=base_model if adapters else None, more_adapters=more, names=names or None, device=device,
+    loaded = load(first, base_model=base_model if adapters else None, more_adapters=more, names=names or None, device=device, dtype=dtype,
                   serve=ServingSettings(merge=not adapters, int8_head=int8, fp16_weights=fp16, stacked=bool(adapters)), verify=True)
     served = Served(base=loaded.base.name, adapters=tuple(loaded.adapter_names), created=int(time.time()),
                     context=int(loaded.model.config.max_position_embeddings))
