@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from banklora.adapter_dir import META_FILE, adapter_config, read_meta
+
 FILE = "README.md"
 GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
 
@@ -173,7 +175,6 @@ def record_evaluation(adapter_dir: Path, report: dict, name: str) -> None:
     """Put a compare report's summary for adapter `name` into its metadata and model card."""
     from banklora.evaluation.compare import binary_finding
     from banklora.io import atomic_write_json, atomic_write_text
-    from banklora.modeling import META_FILE, adapter_config, read_meta
 
     meta = read_meta(adapter_dir)
     if not meta:  # not a banklora adapter: its files are not ours to rewrite

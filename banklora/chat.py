@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from banklora.config import GenerationSettings
 from banklora.data.format import encode_conversation
-from banklora.generate import Stream, generate_batch
+from banklora.inference.generate import Stream, generate_batch
 from banklora.modeling import Loaded
 
 HELP = """commands:

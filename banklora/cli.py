@@ -427,7 +427,7 @@ def chat(
     from banklora.chat import answer_once, repl
     from banklora.config import GenerationSettings
     from banklora.modeling import load
-    from banklora.serving import ServingSettings
+    from banklora.inference.fast_paths import ServingSettings
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, frequency_penalty=frequency_penalty,
                                   presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)

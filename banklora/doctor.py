@@ -44,7 +44,7 @@ def run_checks(base_model: str | None, model_path: str | None = None, data: tupl
     from banklora.config import GenerationSettings
     from banklora.data.format import encode_prompt
     from banklora.errors import BankloraError
-    from banklora.generate import generate_batch
+    from banklora.inference.generate import generate_batch
     from banklora.modeling import load
 
     try:

@@ -2,7 +2,7 @@
 
 `load()` is the only function in banklora that builds a model: a base model, or a base model
 plus one or more LoRA adapters. Training, compare, chat and doctor all call it; the serving fast
-paths (banklora/serving.py) are applied here too. An adapter directory is plain PEFT
+paths (banklora/inference/fast_paths.py) are applied here too. An adapter directory is plain PEFT
 (adapter_config.json + adapter_model.safetensors) plus the tokenizer with its chat template,
 banklora_meta.json and a model card (README.md), written to a temporary directory, then renamed.
 """
@@ -19,20 +19,20 @@ from pathlib import Path
 
 import torch
 
-from banklora import basemodel, card, serving
+from banklora import basemodel, card
+from banklora.adapter_dir import (  # noqa: F401  (META_FILE, ADAPTER_WEIGHTS: read through modeling by callers)
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, DAMAGED_ADAPTER, META_FILE, adapter_config, is_adapter_dir, read_meta,
+)
 from banklora.basemodel import BaseModelInfo
 from banklora.config import DTYPES
 from banklora.data.format import GEMMA_CHAT_TEMPLATE, special_ids
 from banklora.errors import BankloraError, UsageError
 from banklora.io import replace_dir, to_json
-from banklora.serving import ServingSettings
+from banklora.inference import fast_paths
+from banklora.inference.fast_paths import ServingSettings
 
 log = logging.getLogger(__name__)
 
-META_FILE = "banklora_meta.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_DAMAGED_ADAPTER = "train the adapter again, or restore the directory from a backup"
 
 
 @dataclass
@@ -107,12 +107,14 @@ def pick_dtype(setting: str, device: torch.device, training: bool = False) -> to
 
 @contextlib.contextmanager
 def frozen_in_bf16(model):
-    """The frozen floating-point weights of `model` in bf16 while the block runs, the fp32 tensors
-    put back after: a model trained under bf16 autocast (fp32 weights) answers as `load` would load
-    it for answering on this CPU, at the same ~2x speed. Trainable weights (LoRA, token rows) stay fp32."""
+    """The base's floating-point weights in bf16 while the block runs, the fp32 tensors put back
+    after: a model with fp32 weights answers as `load` loads it for answering on a CPU with native
+    bf16, at the same ~2x speed (the turn-end check after bf16 mixed-precision training; compare's
+    answers). Trainable weights and the adapters' own (LoRA, trained token rows) stay fp32, as
+    PEFT keeps them over a bf16 base."""
     kept = {}
-    for param in model.parameters():
-        if not param.requires_grad and param.dtype == torch.float32:
+    for name, param in model.named_parameters():
+        if not param.requires_grad and param.dtype == torch.float32 and not any(part in name for part in _ADAPTER_PARTS):
             kept[param] = param.data
             param.data = param.data.to(torch.bfloat16)
     try:
@@ -122,18 +124,7 @@ def frozen_in_bf16(model):
             param.data = data
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def read_meta(adapter_dir: Path) -> dict:
-    meta_path = Path(adapter_dir) / META_FILE
-    if not meta_path.is_file():
-        return {}
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{meta_path}:{exc.lineno}: not valid JSON; the adapter's metadata is damaged; {_DAMAGED_ADAPTER}") from exc
+_ADAPTER_PARTS = ("lora_", "trainable_tokens_")  # PEFT's names for an adapter's own weights
 
 
 def load(
@@ -159,7 +150,7 @@ def load(
     named after their directories unless `names` names them (Loaded.adapter_names);
     model.set_adapter(name) switches.
     quantize="4bit" loads the base in NF4 through bitsandbytes (QLoRA; CUDA only).
-    serve: the CPU fast paths for answering (merge, int8 head, fp16 weights; banklora/serving.py).
+    serve: the CPU fast paths for answering (merge, int8 head, fp16 weights; banklora/inference/fast_paths.py).
     verify=True checks the base weights' sha256 (about 1 s per GB), for commands where that is
     small next to their own run; without it, only files changed since their last hash are hashed.
     tokenizer: the base's tokenizer when the caller has loaded it already (load_tokenizer), so its
@@ -228,7 +219,7 @@ def load(
         model.set_adapter(names[0])
     model.eval()
     if not training:
-        model = serving.apply(model, serve, dev, len(adapters))
+        model = fast_paths.apply(model, serve, dev, len(adapters))
     return Loaded(model, tokenizer, base, dev, torch_dtype, adapter_dir, meta, names)
 
 
@@ -299,14 +290,6 @@ def _peft_base(adapter_dir: Path) -> str | None:
     return adapter_config(adapter_dir).get("base_model_name_or_path")
 
 
-def adapter_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / ADAPTER_CONFIG
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} is damaged: not valid JSON ({exc}); {_DAMAGED_ADAPTER}") from exc
-
-
 def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file()
 
@@ -332,7 +315,7 @@ def _check_finite(weights: Path) -> None:
     with safe_open(str(weights), framework="pt") as f:
         bad = [name for name in f.keys() if not torch.isfinite(f.get_tensor(name)).all()]
     if bad:
-        raise UsageError(f"{weights}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); the adapter is damaged; {_DAMAGED_ADAPTER}")
+        raise UsageError(f"{weights}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); the adapter is damaged; {DAMAGED_ADAPTER}")
 
 
 def check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) -> None:
@@ -343,7 +326,7 @@ def check_adapter(adapter_dir: Path, meta: dict | None, base: BaseModelInfo) -> 
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise UsageError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}; banklora loads safetensors adapters only")
-    basemodel.check_safetensors(weights, _DAMAGED_ADAPTER)
+    basemodel.check_safetensors(weights, DAMAGED_ADAPTER)
     _check_finite(weights)
     trained_on = (meta or {}).get("base_model", {}).get("sha256")
     if trained_on and trained_on != base.sha256:

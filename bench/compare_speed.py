@@ -34,7 +34,7 @@ def fixed_batches(model, tokenizer, prompts, settings, batch_size=8, on_answer=N
     from transformers import GenerationConfig
 
     from banklora.data.format import stop_token_ids
-    from banklora.generate import Generation
+    from banklora.inference.generate import Generation
 
     stops = stop_token_ids(tokenizer)
     config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=0, top_k=None)

@@ -44,9 +44,9 @@ def _questions(tokenizer) -> list[list[int]]:
 
 def _chat(variant: str, adapter: str, max_new_tokens: int) -> list[dict]:
     from banklora.config import GenerationSettings
-    from banklora.generate import generate_batch
+    from banklora.inference.generate import generate_batch
     from banklora.modeling import load
-    from banklora.serving import ServingSettings
+    from banklora.inference.fast_paths import ServingSettings
 
     fast = variant == "chat+int8+fp16"
     loaded = load(adapter, serve=ServingSettings(merge=True, int8_head=fast, fp16_weights=fast))

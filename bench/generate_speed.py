@@ -50,7 +50,7 @@ def _model(variant: str, adapter: str):
         base = AutoModelForCausalLM.from_pretrained(embedded_checkpoint(), dtype=torch.float32)
         return PeftModel.from_pretrained(base, adapter).eval(), AutoTokenizer.from_pretrained(adapter)
     from banklora.modeling import load
-    from banklora.serving import ServingSettings
+    from banklora.inference.fast_paths import ServingSettings
 
     dtype = next((d for d in ("fp32", "bf16") if d in variant), "auto")
     loaded = load(adapter, dtype=dtype, serve=ServingSettings(merge=True, int8_head="int8" in variant, fp16_weights="fp16" in variant))
@@ -61,7 +61,7 @@ def worker(variant: str, adapter: str, max_new_tokens: int) -> dict:
     import torch
 
     from banklora.config import GenerationSettings
-    from banklora.generate import generate_batch
+    from banklora.inference.generate import generate_batch
 
     model, tokenizer = _model(variant, adapter)
     prompts = _prompts(tokenizer)

@@ -29,9 +29,9 @@ def main() -> None:
     from banklora.data.dataset import load_examples
     from banklora.evaluation import compliance
     from banklora.evaluation.compare import compare_pair, prompt_ids, reference_nll, score
-    from banklora.generate import generate_batch
+    from banklora.inference.generate import generate_batch
     from banklora.modeling import load
-    from banklora.serving import ServingSettings
+    from banklora.inference.fast_paths import ServingSettings
 
     examples = load_examples([args.questions], split=args.split, questions=True)[: args.limit]
     rules = compliance.load_rules(None)

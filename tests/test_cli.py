@@ -14,7 +14,7 @@ from banklora.chat import Conversation, repl
 from banklora.config import GenerationSettings
 from banklora.data.format import encode_prompt
 from banklora.config import CHAT_REPETITION_PENALTY
-from banklora.generate import generate_batch
+from banklora.inference.generate import generate_batch
 from banklora.modeling import load
 
 
@@ -159,7 +159,7 @@ def test_a_streamed_answer_runs_on_the_engine_and_equals_the_batch_answer(tiny_a
     is cancelled."""
     import threading
 
-    from banklora.generate import Stream
+    from banklora.inference.generate import Stream
 
     loaded = load(str(tiny_adapter))
     prompt = encode_prompt(loaded.tokenizer, "信用卡逾期有什么后果？")

@@ -9,9 +9,9 @@ from banklora.config import CHAT_REPETITION_PENALTY, GenerationSettings, TrainSe
 from banklora.data.dataset import load_examples
 from banklora.data.format import encode_prompt
 from banklora.evaluation.compare import run_compare
-from banklora.generate import generate_batch
+from banklora.inference.generate import generate_batch
 from banklora.modeling import load
-from banklora.serving import ServingSettings
+from banklora.inference.fast_paths import ServingSettings
 from banklora.train import train
 
 pytestmark = pytest.mark.e2e

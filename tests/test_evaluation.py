@@ -312,7 +312,7 @@ def test_batched_greedy_answers_equal_single_answers(tiny_adapter):
     from banklora.config import GenerationSettings
     from banklora.data.dataset import load_examples
     from banklora.evaluation.compare import prompt_ids
-    from banklora.generate import generate_batch
+    from banklora.inference.generate import generate_batch
     from banklora.modeling import load
 
     loaded = load(str(tiny_adapter))
@@ -334,7 +334,7 @@ def test_the_continuous_engine_answers_as_transformers_generate_did(tiny_adapter
     from banklora.data.dataset import load_examples
     from banklora.data.format import stop_token_ids
     from banklora.evaluation.compare import prompt_ids
-    from banklora.generate import generate_batch
+    from banklora.inference.generate import generate_batch
     from banklora.modeling import load
 
     loaded = load(str(tiny_adapter))
@@ -358,7 +358,7 @@ def test_multi_turn_questions_are_answered_and_scored_on_the_same_conversation(t
     from banklora.data.batching import collate
     from banklora.data.format import encode_conversation
     from banklora.evaluation.compare import run_compare
-    from banklora.generate import generate_batch
+    from banklora.inference.generate import generate_batch
     from banklora.loss import answer_loss
     from banklora.modeling import load
 
@@ -441,3 +441,29 @@ def test_adapter_directories_with_dots_compare_under_names_without_them(tiny_ada
     assert report["models"] == ["base", "r8-a32-lr0_001", "tiny"] and report["adapters"]["r8-a32-lr0_001"]["path"] == str(dotted)
     with pytest.raises(UsageError, match="adapter name 'banking.v2'"):
         load(str(tiny_adapter), names=("banking.v2",))
+
+
+def test_compare_answers_in_bf16_and_scores_in_fp32_where_the_cpu_multiplies_bf16(tiny_adapter, monkeypatch):
+    """--dtype auto on a CPU with AVX512-BF16 or AMX: the answers are the bf16-loaded model's, the
+    reference likelihoods fp32's to the digit (scored in bf16, a knowledge-test finding moved on
+    the 72 test questions: README, Performance); the reports say which is which."""
+    from banklora.config import GenerationSettings
+    from banklora.data.dataset import load_examples
+    from banklora.evaluation import compare
+    from banklora.evaluation.report import html, markdown
+    from banklora.inference.generate import generate_batch
+    from banklora.modeling import load
+
+    monkeypatch.setattr(compare, "cpu_bf16", lambda: True)
+    settings = GenerationSettings(max_new_tokens=6)
+    split = compare.run_compare([str(tiny_adapter)], questions=["banking-eval"], limit=3, settings=settings)
+    fp32 = compare.run_compare([str(tiny_adapter)], questions=["banking-eval"], limit=3, settings=settings, dtype="fp32")
+    assert (split["dtype"], split["scoring_dtype"], fp32["dtype"], fp32["scoring_dtype"]) == ("bfloat16", "float32", "float32", "float32")
+    for a, b in zip(split["questions"], fp32["questions"]):
+        assert all(a["answers"][m]["ref_nll"] == b["answers"][m]["ref_nll"] for m in ("base", "tiny"))
+    bf16 = load(str(tiny_adapter), dtype="bf16")
+    prompts = [compare.prompt_ids(bf16.tokenizer, e) for e in load_examples(["banking-eval"], questions=True)[:3]]
+    expected = generate_batch(bf16.model, bf16.tokenizer, prompts, settings, batch_size=compare.COMPARE_BATCH_SIZE)
+    assert [q["answers"]["tiny"]["answer"] for q in split["questions"]] == [g.text for g in expected]
+    assert "answers in bfloat16, scored in float32 on cpu" in markdown(split) and "answers in bfloat16, scored in float32" in html(split)
+    assert "float32 weights on cpu" in markdown(fp32)

@@ -8,9 +8,9 @@ import pytest
 from banklora.config import GenerationSettings
 from banklora.data.dataset import load_examples
 from banklora.data.format import encode_prompt, user_text
-from banklora.generate import generate_batch
+from banklora.inference.generate import generate_batch
 from banklora.modeling import load
-from banklora.serving import ServingSettings
+from banklora.inference.fast_paths import ServingSettings
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's Python binding: pip install 'banklora[llamacpp]'")
 pytestmark = [pytest.mark.e2e, pytest.mark.llamacpp]

@@ -6,10 +6,10 @@ import torch
 from banklora.config import GenerationSettings
 from banklora.errors import UsageError
 from banklora.data.format import encode_prompt
-from banklora.generate import generate_batch
+from banklora.inference.generate import generate_batch
 from banklora.loss import token_rows
 from banklora.modeling import load
-from banklora.serving import DecodeLinear, ServingSettings
+from banklora.inference.fast_paths import DecodeLinear, ServingSettings
 
 MERGED, INT8 = ServingSettings(merge=True), ServingSettings(merge=True, int8_head=True)
 
@@ -204,13 +204,18 @@ def test_the_lm_head_reads_a_contiguous_input_in_generation(tiny_adapter, tokeni
 
 
 def test_frozen_in_bf16_puts_the_fp32_weights_back(tiny_adapter):
+    """The base's weights in bf16 inside the block (as load gives them for answering), the adapter's
+    own (LoRA, trained token rows) in fp32 as PEFT keeps them, and the fp32 tensors back after."""
     from banklora.modeling import frozen_in_bf16
 
     loaded = load(str(tiny_adapter), dtype="fp32")
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    lora = next(p for n, p in loaded.model.named_parameters() if "lora_A" in n)
-    lora.requires_grad_(True)  # trainable: stays fp32
+    own = lambda name: "lora_" in name or "trainable_tokens_" in name  # noqa: E731
+    assert any(own(n) for n in before) and any("trainable_tokens_" in n for n in before)
     with frozen_in_bf16(loaded.model) as model:
-        assert lora.dtype == torch.float32
-        assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+        for name, param in model.named_parameters():
+            assert param.dtype == (torch.float32 if own(name) else torch.bfloat16), name
+        ids = torch.tensor([encode_prompt(loaded.tokenizer, "您好")])
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=ids).logits).all()
     assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in loaded.model.named_parameters())

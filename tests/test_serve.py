@@ -630,7 +630,7 @@ def test_penalties_follow_vllm_on_a_hand_computed_example():
     positive logit, multiplies the others); frequency and presence count the answer's tokens only."""
     import torch
 
-    from banklora.serve.engine import apply_penalties
+    from banklora.inference.engine import apply_penalties
 
     logits = torch.tensor([2.0, -1.0, 0.5, -0.5, 3.0, 0.0])
     tokens = torch.tensor([0, 1, 5, 2, 3])  # the prompt holds 0, 1 and 5; the answer so far 2, 2, 3
@@ -654,7 +654,7 @@ def test_penalties_follow_vllm_on_a_hand_computed_example():
 
 def _answer_tokens(loaded, prompts: list[list[int]], params: list) -> list[list[int]]:
     """Token ids the engine chooses for each prompt with its own SamplingParams, all in one batch."""
-    from banklora.serve.engine import Engine, Request
+    from banklora.inference.engine import Engine, Request
 
     engine = Engine(loaded.model, loaded.tokenizer, peft=False, max_batch_size=len(prompts))
     requests = [Request(list(p), None, sp, sink=lambda event: None) for p, sp in zip(prompts, params)]
@@ -682,7 +682,7 @@ def test_the_engine_penalizes_each_row_as_a_from_scratch_reference_does(tiny_bas
 
     from banklora.data.format import encode_prompt, stop_token_ids
     from banklora.modeling import load
-    from banklora.serve.engine import SamplingParams, apply_penalties
+    from banklora.inference.engine import SamplingParams, apply_penalties
 
     loaded = load(str(tiny_base))
     prompts = [encode_prompt(loaded.tokenizer, q) for q in ("你好", "怎么开户？", "信用卡逾期会怎样？")]

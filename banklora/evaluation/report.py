@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 from banklora.data.stats import CATEGORY_EN
-from banklora.evaluation.compare import BINARY, BREAKDOWN_SHOWN, LOWER_IS_BETTER, binary_finding, breakdown_rows, fmt, share, summary_keys
+from banklora.evaluation.compare import BINARY, BREAKDOWN_SHOWN, LOWER_IS_BETTER, binary_finding, breakdown_rows, fmt, precision, share, summary_keys
 from banklora.evaluation.knowledge import knowledge_markdown
 from banklora.io import atomic_write_text, read_head, to_json
 
@@ -55,7 +55,7 @@ def markdown(report: dict) -> str:
     lines = [f"# banklora compare: {', '.join(models[1:])} vs base", "",
              f"{len(report['questions'])} questions ({', '.join(report['questions_source'])}"
              + (f", split {report['split']}" if report["split"] else "") + f"); {report['generation'].get('decoding', 'greedy')}, {report['generation']['max_new_tokens']} new tokens; base model {report['base_model']['name']}"
-             + (f", {report['dtype']} weights on {report['device']}" if report.get("dtype") else "") + ".", "",
+             + (f"; {precision(report)} on {report['device']}" if report.get("dtype") else "") + ".", "",
              "## Means per model", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for key in summary_keys():
         lines.append(f"| {key} | " + " | ".join(fmt(report["summary"][m][key], ".3f") for m in models) + " |")
@@ -141,7 +141,7 @@ img{max-width:100%;display:block;margin:8px 0}
 </style></head><body>
 <h1>banklora compare: {{ models[1:]|join(", ") }} vs base</h1>
 <p>{{ questions|length }} questions ({{ report.questions_source|join(", ") }}{% if report.split %}, split {{ report.split }}{% endif %}),
-{{ report.generation.decoding or "greedy" }}, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.base_model.name }}{% if report.dtype %}, {{ report.dtype }} weights on {{ report.device }}{% endif %}, {{ report.created_at }}.</p>
+{{ report.generation.decoding or "greedy" }}, {{ report.generation.max_new_tokens }} new tokens, base model {{ report.base_model.name }}{% if report.dtype %}; {{ precision }} on {{ report.device }}{% endif %}, {{ report.created_at }}.</p>
 <h2>Means per model</h2>
 <table id="means"><tr><th>metric</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
 {% for key in quality %}<tr><td class="text">{{ key }}</td>{% for m in models %}<td>{{ fmt(report.summary[m][key], ".3f") }}</td>{% endfor %}</tr>{% endfor %}
@@ -184,4 +184,5 @@ def html(report: dict) -> str:
     template = Environment(autoescape=True).from_string(_TEMPLATE)
     return template.render(report=report, models=report["models"], questions=report["questions"],
                            quality=summary_keys(), binary=BINARY, share=share, binary_finding=binary_finding, lower_is_better=LOWER_IS_BETTER, charts=charts(report), fmt=fmt,
-                           breakdown_shown=BREAKDOWN_SHOWN, breakdown_rows=breakdown_rows(report))
+                           breakdown_shown=BREAKDOWN_SHOWN, breakdown_rows=breakdown_rows(report),
+                           precision=precision(report) if report.get("dtype") else "")

@@ -66,7 +66,7 @@ def end_probabilities(model, tokenizer, examples, batch_size: int = 8) -> list[t
     """(P(<end_of_turn>), its rank) at the position right after each example's final answer,
     teacher-forced: the conversation and answer in the one formatter's ids, one forward pass per
     batch, logits only at those positions."""
-    from banklora.serve.engine import left_padded
+    from banklora.inference.engine import left_padded
 
     end = special_ids(tokenizer)["end_of_turn"]
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -96,7 +96,7 @@ def check(model, tokenizer, examples, budget: int = BUDGET, batch_size: int = 64
     rank of <end_of_turn>, and greedy answers within `budget` new tokens."""
     from banklora.evaluation import metrics
     from banklora.evaluation.compare import prompt_ids
-    from banklora.generate import generate_batch
+    from banklora.inference.generate import generate_batch
 
     was_training = model.training
     model.eval()

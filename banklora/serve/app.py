@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from banklora.config import CHAT_REPETITION_PENALTY, GenerationSettings
 from banklora.data.format import encode_conversation
-from banklora.serve.engine import Engine, Event, QueueFull, Request, SamplingParams, StepInfo
+from banklora.inference.engine import Engine, Event, QueueFull, Request, SamplingParams, StepInfo
 from banklora.serve.schemas import (ERRORS, ApiError, ChatAnswer, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion,
                                     CompletionChoice, CompletionRequest, ModelCard, ModelList, Usage)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from banklora.errors import UsageError
 from banklora.modeling import adapter_names, is_adapter_dir, load
 from banklora.serve.app import Served, create_app
-from banklora.serve.engine import Engine
-from banklora.serving import ServingSettings
+from banklora.inference.engine import Engine
+from banklora.inference.fast_paths import ServingSettings
 
 log = logging.getLogger(__name__)
 

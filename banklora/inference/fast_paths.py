@@ -14,6 +14,7 @@ the loaded model. What each path does and costs (README, Performance):
   one A (sum of ranks x in) and one scaled B, so a mixed batch costs two small matmuls and a row
   mask per layer instead of PEFT's gather, two matmuls and scatter per adapter; the base weight's
   product and the LM head as DecodeLinear's W @ x^T. The same products in another summation order.
+- a contiguous LM-head input, always (contiguous_head_input).
 """
 
 from __future__ import annotations

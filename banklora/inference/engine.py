@@ -1,4 +1,5 @@
-"""The server's one generation worker: continuous batching over a base model and its adapters.
+"""The one generation worker (the server's, and chat's, compare's and the turn-end check's through
+generate.py): continuous batching over a base model and its adapters.
 
 Requests wait in a queue; at every step boundary the worker admits as many as the batch has room
 for, prefills them together and joins them to the running batch, then decodes one token for every

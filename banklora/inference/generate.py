@@ -1,5 +1,5 @@
-"""Generation for chat, compare and doctor, on the server's continuous-batching engine
-(banklora/serve/engine.py): batched (compare), and streaming (chat).
+"""Generation for chat, compare, doctor and the turn-end check, on the continuous-batching engine
+the server runs (engine.py): batched (compare), and streaming (chat).
 
 Both stop at <end_of_turn> or <eos>. Greedy when temperature is 0, so two runs agree.
 """
@@ -32,7 +32,7 @@ class Generation:
 def _params(settings: GenerationSettings):
     """The engine's sampling parameters for one answer. Sampling draws each answer's seed from
     torch's generator, so torch.manual_seed repeats a run."""
-    from banklora.serve.engine import SamplingParams
+    from banklora.inference.engine import SamplingParams
 
     seed = int(torch.randint(0, 2**62, ())) if settings.temperature > 0 else None
     return SamplingParams(max_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=seed,
@@ -47,7 +47,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], settings: Generat
     continuous-batching engine the server runs: an answer that ends leaves the batch at once and
     the next prompt takes its row, so no row decodes padding behind a finished answer.
     on_answer(n) is called as the n-th answer ends (progress)."""
-    from banklora.serve.engine import Engine, Event, Request
+    from banklora.inference.engine import Engine, Event, Request
 
     engine = Engine(model, tokenizer, peft=False, max_batch_size=batch_size, max_queue=max(1, len(prompts)))
     texts: list[list[str]] = [[] for _ in prompts]
@@ -84,7 +84,7 @@ class Stream:
     worker thread of its own: iterate for text pieces; cancel() stops it after the current token."""
 
     def __init__(self, model, tokenizer, prompt: list[int], settings: GenerationSettings) -> None:
-        from banklora.serve.engine import Engine, Request
+        from banklora.inference.engine import Engine, Request
 
         self.text = ""
         self._events: queue.SimpleQueue = queue.SimpleQueue()
