@@ -129,3 +129,24 @@ def test_doctor_model_path_runs_the_turn_end_check(runs, small_data, tiny_base):
     result = cli("doctor", "--base-model", str(tiny_base), "--model-path", str(runs["rows"]), "--data", str(small_data))
     assert "turn end" in result.stdout and "P(<end_of_turn>) after the answer" in result.stdout
     assert ("everything is ready" in result.stdout) == (result.returncode == 0)
+
+
+def test_the_check_after_training_gives_the_lm_head_a_contiguous_input(tiny_base, small_data, tmp_path, monkeypatch):
+    """The training model is not loaded for answering, so the check makes its head take its input
+    contiguous itself: a strided one made the check twice as slow (fp32) or worse (bf16)."""
+    from banklora.loss import token_rows
+
+    seen, check = [], turn_end.check
+
+    def watched(model, *args, **kwargs):
+        head, _ = token_rows(model.get_output_embeddings())
+        handle = head.register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous()))
+        try:
+            return check(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(turn_end, "check", watched)
+    train(TrainSettings(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(tmp_path / "a"), max_steps=1, batch_size=2,
+                        turn_end_budget=3), show_progress=False)
+    assert seen and all(seen)

@@ -108,6 +108,7 @@ def run(app, served: Served, loaded, *, sock: socket.socket, api_key: str | None
         log.warning("serving on %s without an API key: anyone who reaches this address can use the models; set --api-key or %s",
                     host, API_KEY_ENV)
     shown = f"[{host}]" if ":" in host else host
-    log.info("serving %s%s on %s", served.base, "".join(f", {a}" for a in served.adapters), loaded.device)
+    log.info("serving %s%s on %s, %s weights", served.base, "".join(f", {a}" for a in served.adapters), loaded.device,
+             str(loaded.dtype).removeprefix("torch."))
     log.info("OpenAI API at http://%s:%d/v1, web chat at http://%s:%d/", shown, port, shown, port)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
