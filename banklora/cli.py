@@ -416,8 +416,8 @@ def chat(
     max_context: Annotated[int, typer.Option(help="Tokens of history kept; older turns are dropped.")] = 2048,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is written.")] = True,
     prompt: Annotated[Optional[str], typer.Option(help="Answer this one message and exit (for scripts).")] = None,
-    int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see README, Performance).")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 for decoding (CPU): faster answers, slightly different ones (see README, Performance).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see docs/performance.md).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 for decoding (CPU): faster answers, slightly different ones (see docs/performance.md).")] = False,
     frequency_penalty: FrequencyPenaltyOpt = 0.0,
     presence_penalty: PresencePenaltyOpt = 0.0,
     repetition_penalty: RepetitionPenaltyOpt = CHAT_REPETITION_PENALTY,
@@ -452,7 +452,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="BANKLORA_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on /v1 and /metrics.")] = None,
     max_batch_size: Annotated[int, typer.Option(help="Requests decoded together; later ones join at the next step.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a slot; past it the server answers 429 with Retry-After.")] = 64,
-    int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see README, Performance).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see docs/performance.md).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 (CPU; the base served alone only).")] = False,
     dtype: InferenceDtypeOpt = "auto",
 ) -> None:
@@ -512,8 +512,8 @@ def quickstart(*, flags: dict) -> None:
 
     It trains one epoch of banklora's recipe on the built-in train split (240 pairs at lr 1e-3,
     Gemma's turn tokens trained: 60 steps), so the whole run fits in 10 minutes on 2 cores;
-    `banklora train` runs the recipe's 3 epochs, whose answers end and loop less (README,
-    Training recipe). The compare
+    `banklora train` runs the recipe's 3 epochs, whose answers end and loop less
+    (docs/training.md). The compare
     answers the seed's 8 questions and scores the banking-mcq knowledge test. An interrupted
     quickstart continues where it stopped.
     """

@@ -87,7 +87,7 @@ def mixed_precision(setting: str, device: torch.device) -> str | None:
 def pick_dtype(setting: str, device: torch.device, training: bool = False) -> torch.dtype:
     """The weights' dtype. bf16 on CUDA. On CPU: for answering (chat, compare, serve, the turn-end
     check), bf16 where the CPU multiplies it natively (cpu_bf16): half the bytes read per token,
-    measured 2x faster generation (README, Performance); fp32 elsewhere, where bf16 products are
+    measured 2x faster generation (docs/performance.md); fp32 elsewhere, where bf16 products are
     emulated and many times slower. Training on CPU loads fp32 weights: its bf16 runs under
     autocast over them (mixed_precision)."""
     if setting in ("fp16", "float16", "half"):

@@ -69,7 +69,7 @@ def _llama(variant: str, files: dict, max_new_tokens: int) -> list[dict]:
 
     defaults = llama_cpp.llama_cpp.llama_model_default_params
 
-    def no_repack():  # llama-server's --no-repack: the repacked (AMX) kernels crash on Gemma 3 270M (README, Export)
+    def no_repack():  # llama-server's --no-repack: the repacked (AMX) kernels crash on Gemma 3 270M (docs/export.md)
         params = defaults()
         params.use_extra_bufts = False
         return params

@@ -307,12 +307,12 @@ def test_quickstart_runs_data_train_compare_on_a_given_base(tiny_base, tmp_path)
     assert "### banklora compare (8 questions from banking-eval" in (out / "README.md").read_text()
 
 
-def test_the_readme_flag_table_holds_every_setting_with_its_default():
+def test_the_training_pages_flag_table_holds_every_setting_with_its_default():
     from pathlib import Path
 
     from banklora.config import flags
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "training.md").read_text()
     table = readme.split("| flag | default | |", 1)[1].split("\n\n", 1)[0]
     shown = {}
     for row in table.splitlines()[2:]:
@@ -321,7 +321,7 @@ def test_the_readme_flag_table_holds_every_setting_with_its_default():
         values = [d.strip("` ") for d in defaults.split(" / ")] if " / " in defaults else [defaults.strip("` ")] * len(names)
         shown.update(zip(names, values))
     for f in flags():
-        assert f.flag in shown, f"{f.flag} is missing from the README's table"
+        assert f.flag in shown, f"{f.flag} is missing from docs/training.md's table"
         if f.default is None:
             continue  # shown in words (all, off, <output-dir>-checkpoints)
         expected = ("on" if f.default else "off") if f.type is bool else ",".join(f.default) if isinstance(f.default, tuple) else str(f.default)

@@ -233,7 +233,7 @@ def run_compare(
             if not is_adapter_dir(p):
                 raise UsageError(f"--peft-model-path {p} is not a LoRA adapter directory (no adapter_config.json)")
         # --dtype auto on a CPU with native bf16: answers with bf16 weights (2x faster, no finding changed), the reference
-        # likelihoods and the knowledge test in fp32 (scored in bf16, a knowledge-test finding changed: README, Performance)
+        # likelihoods and the knowledge test in fp32 (scored in bf16, a knowledge-test finding changed: docs/performance.md)
         split_precision = dtype == "auto" and pick_device().type == "cpu" and cpu_bf16()
         loaded = load(paths[0], base_model=base_model, more_adapters=tuple(paths[1:]), verify=True,  # hashing is small next to a compare
                       dtype="fp32" if split_precision else dtype)

@@ -1,4 +1,4 @@
-"""Answer metrics: pure functions of an answer's text, documented in the README.
+"""Answer metrics: pure functions of an answer's text, documented in docs/compare.md.
 
 keyword match   share of the question's expected keywords found in the answer (substring,
                 case-insensitive): does the answer use the terms a correct answer needs?

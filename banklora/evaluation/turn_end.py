@@ -3,7 +3,7 @@
 A pretrained Gemma (the embedded 270M is one) almost never predicted its turn tokens in
 pretraining: their rows of the tied embedding / LM head are nearly untrained, so a LoRA adapter on
 the projections alone learns a bank's tone but greedy decoding never picks <end_of_turn>, and every
-answer runs to the token budget (README, Training recipe). Two measurements say so:
+answer runs to the token budget (docs/training.md, "Training recipe"). Two measurements say so:
 
 1) teacher-forced, on reference answers: the probability the model gives <end_of_turn> right
    after the answer's last token, and that token's rank among the vocabulary there;

@@ -1,7 +1,7 @@
 """CPU fast paths for answering (chat, compare's speed checks, serving), applied by the loader.
 
 `load()` stays the only loader; it checks a ServingSettings before loading and calls `apply` on
-the loaded model. What each path does and costs (README, Performance):
+the loaded model. What each path does and costs (docs/performance.md):
 
 - merge: a single adapter folded into the base weights (W + B @ A * scale): the same outputs to
   float rounding, without LoRA's extra matmuls at every layer.

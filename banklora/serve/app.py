@@ -138,7 +138,7 @@ def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None
         engine.shutdown()
 
     # docs_url / redoc_url off: FastAPI's pages load their scripts from a CDN, blank on the offline machines banks run;
-    # the schema itself is at /openapi.json (README, Serving)
+    # the schema itself is at /openapi.json (docs/chat-and-serving.md)
     app = FastAPI(title="banklora", version="1", lifespan=lifespan, summary="OpenAI-compatible API for Gemma with banking LoRA adapters",
                   docs_url=None, redoc_url=None)
     app.state.engine, app.state.served, app.state.metrics = engine, served, metrics
