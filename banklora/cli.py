@@ -533,10 +533,12 @@ def quickstart(*, flags: dict) -> None:
             base_model=None, compliance_rules=None, fail_below=None, fail_on_regression=False, answers=True, knowledge=None)
     console.rule("[bold]done")
     console.print(f"quickstart finished in {time.perf_counter() - start:.0f} s")
-    console.print(f"adapter: {output_dir}    report: {default_report_path(output_dir).with_suffix('.html')} (and .json, .md)")
-    console.print(f"chat with it:  banklora chat --model-path {output_dir}")
-    console.print("a better adapter: banklora train   (the recipe's 3 epochs, about 20 minutes on 2 cores)")
-    console.print(f"serve it:      banklora serve --model-path {output_dir}   (OpenAI API at http://127.0.0.1:8000/v1, web chat at /)")
+    console.print(f"adapter: {output_dir}", soft_wrap=True)  # paths and commands unbroken, to copy
+    console.print(f"report:  {default_report_path(output_dir).with_suffix('.html')} (and .json, .md)", soft_wrap=True)
+    console.print(f"chat with it:      banklora chat --model-path {output_dir}", soft_wrap=True)
+    console.print(f"serve it:          banklora serve --model-path {output_dir}", soft_wrap=True)
+    console.print("                   (OpenAI API at http://127.0.0.1:8000/v1, web chat at /)")
+    console.print("a better adapter:  banklora train   (the recipe's 3 epochs, ~20 min on 2 cores)")
 
 
 def main() -> None:

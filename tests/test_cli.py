@@ -7,6 +7,7 @@ smoke test runs the installed program in its own process.
 import io
 import json
 import re
+from pathlib import Path
 
 from conftest import cli, run_cli
 
@@ -290,8 +291,15 @@ def test_every_commands_help_fits_80_columns_and_names_every_flag_in_full():
                     assert re.search(rf"(^|[\s,/]){re.escape(flag)}([\s,=/]|$)", text, re.MULTILINE), (path, flag)
 
 
-def test_quickstart_runs_data_train_compare_on_a_given_base(tiny_base, tmp_path):
-    out = tmp_path / "quick"
+def test_quickstart_runs_data_train_compare_on_a_given_base(tiny_base, tmp_path, monkeypatch):
+    from rich.cells import cell_len
+    from rich.console import Console
+
+    import banklora.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "console", Console(width=80))  # what a CI log or a default terminal gives
+    monkeypatch.chdir(tmp_path)
+    out = Path("quick")
     result = cli("quickstart", "--base-model", str(tiny_base), "--output-dir", str(out), "--max-steps", "2")
     assert result.returncode == 0, result.stderr
     for stage in ("1/3 data", "2/3 train", "3/3 compare", "quickstart finished", f"banklora chat --model-path {out}",
@@ -305,6 +313,13 @@ def test_quickstart_runs_data_train_compare_on_a_given_base(tiny_base, tmp_path)
     assert report["knowledge"]["accuracy"]["quick"]["all"]["n"] == 120 and "knowledge test (banking-mcq)" in result.stdout
     assert meta["evaluation"]["questions"] == 8  # the model card now carries the comparison
     assert "### banklora compare (8 questions from banking-eval" in (out / "README.md").read_text()
+    # laid out for 80 columns: no line wider, no cell cut; the only "…" are the answers' excerpts (the reports hold them whole)
+    lines = result.stdout.splitlines()
+    assert max(cell_len(line) for line in lines) <= 80, max(lines, key=cell_len)  # in terminal cells: a Chinese character takes two
+    excerpts = sum(len(" ".join(q["answers"][m]["answer"].split())) > 160 for q in report["questions"] for m in report["models"])
+    assert result.stdout.count("…") == excerpts
+    for shown in ("means per model", "answers that end", "95% CI of Δ", "significant", "knowledge test (banking-mcq)"):
+        assert shown in result.stdout, shown
 
 
 def test_the_training_pages_flag_table_holds_every_setting_with_its_default():

@@ -30,7 +30,7 @@ from banklora.config import COMPARE_BATCH_SIZE, GenerationSettings
 from banklora.data.dataset import Example, load_examples
 from banklora.data.format import IGNORE_INDEX, encode_conversation
 from banklora.errors import UsageError
-from banklora.evaluation import compliance, knowledge, metrics, statistics
+from banklora.evaluation import compliance, knowledge, metrics, statistics, terminal
 from banklora.inference.generate import Generation, generate_batch
 from banklora.loss import head_losses
 from banklora.modeling import Loaded, cpu_bf16, frozen_in_bf16, is_adapter_dir, load, pick_device
@@ -362,22 +362,33 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
 
 
 def print_report(report: dict, console, show_answers: bool = True, width: int = 160) -> None:
-    """The readable tables in the terminal: per question, then statistics per pair of models."""
-    from rich.table import Table
-
+    """The readable tables in the terminal: per question, then statistics per pair of models.
+    Below 120 columns the tables are compact (terminal.py): the same findings, no cut cells."""
+    narrow = terminal.is_narrow(console)
     models = report["models"]
     last = models[-1]
-    table = Table(title=f"{len(report['questions'])} questions, {report['generation'].get('decoding', 'greedy')}, same prompts and token budget "
-                        f"({report['generation']['max_new_tokens']} tokens)" + (f"; {precision(report)}" if report.get("dtype") else ""))
-    for col in ("#", "category", "question", *[f"overall {m}" for m in models], f"Δ {last}", "keywords b→t", "rouge-L b→t", "ppl b→t"):
-        table.add_column(col, justify="left" if col in ("category", "question") else "right")
+    title = (f"{len(report['questions'])} questions, {report['generation'].get('decoding', 'greedy')}, same prompts and token budget "
+             f"({report['generation']['max_new_tokens']} tokens)" + (f"; {precision(report)}" if report.get("dtype") else ""))
+    if narrow:
+        table = terminal.table(title + "; overall score per answer (keywords, ROUGE-L and perplexity per question: the reports)", True)
+        table.add_column("#", justify="right", no_wrap=True)
+        table.add_column("question", ratio=1, overflow="fold")
+        for col in (*models, f"Δ {last}"):
+            terminal.number_column(table, col)
+    else:
+        table = terminal.table(title, False)
+        for col in ("#", "category", "question", *[f"overall {m}" for m in models], f"Δ {last}", "keywords b→t", "rouge-L b→t", "ppl b→t"):
+            table.add_column(col, justify="left" if col in ("category", "question") else "right")
     for i, q in enumerate(report["questions"], 1):
         a = q["answers"]
         delta = a[last]["overall"] - a["base"]["overall"]
         style = "green" if delta > statistics.TIE else "red" if delta < -statistics.TIE else ""
+        cells = [*[f"{a[m]['overall']:.2f}" for m in models], f"[{style}]{delta:+.2f}[/]" if style else f"{delta:+.2f}"]
+        if narrow:
+            table.add_row(str(i), " ".join(q["question"].split()), *cells)
+            continue
         table.add_row(
-            str(i), q["category"], _clip(q["question"], 22), *[f"{a[m]['overall']:.2f}" for m in models],
-            f"[{style}]{delta:+.2f}[/]" if style else f"{delta:+.2f}",
+            str(i), q["category"], _clip(q["question"], 22), *cells,
             f"{fmt(a['base']['keyword_match'], '.2f')}→{fmt(a[last]['keyword_match'], '.2f')}",
             f"{fmt(a['base']['rouge_l'], '.2f')}→{fmt(a[last]['rouge_l'], '.2f')}",
             f"{fmt(a['base']['ref_perplexity'], '.1f')}→{fmt(a[last]['ref_perplexity'], '.1f')}",
@@ -389,38 +400,79 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
             for m in models:
                 flags = q["answers"][m]["compliance_flags"]
                 console.print(f"  [cyan]{m}:[/] {_clip(q['answers'][m]['answer'], width)}" + (f" [red]{flags}[/]" if flags else ""), highlight=False)
-    means = Table(title="means per model")
-    means.add_column("metric")
+    means = terminal.table("means per model", narrow)
+    means.add_column("metric", no_wrap=True)
     for m in models:
-        means.add_column(m, justify="right")
+        terminal.number_column(means, m)
     for key in summary_keys():
         means.add_row(key, *[fmt(report["summary"][m][key], ".3f") for m in models])
     for key in BINARY:
         means.add_row(key, *[share(report, m, key) for m in models])
     means.add_row("compliance flags", *[str(sum(report["summary"][m]["compliance_flags"].values())) for m in models])
     console.print(means)
-    groups = Table(title="means per language and category (" + " → ".join(models) + ")")
-    for col in ("group", "n", *BREAKDOWN_SHOWN):
-        groups.add_column(col, justify="left" if col == "group" else "right")
-    for field, value, n, cells in breakdown_rows(report):
-        groups.add_row(f"{field} {value}", str(n), *cells)
-    console.print(groups)
+    console.print(_breakdown_table(report, narrow))
     for c in report["comparisons"]:
-        stats = Table(title=f"{c['b']} vs {c['a']}: paired over {len(report['questions'])} questions")
-        for col in ("metric", "mean Δ", "95% CI", "p (Wilcoxon)", "win/tie/loss", "finding"):
-            stats.add_column(col, justify="left" if col in ("metric", "finding") else "right")
+        stats = terminal.table(f"{c['b']} vs {c['a']}: paired over {len(report['questions'])} questions" + (", p by Wilcoxon" if narrow else ""), narrow)
+        stats.add_column("metric", no_wrap=True)
+        for col in ("mean Δ", "95% CI", "p" if narrow else "p (Wilcoxon)", "w/t/l" if narrow else "win/tie/loss"):
+            terminal.number_column(stats, col)
+        stats.add_column("significant" if narrow else "finding", no_wrap=True)
         for key, s in c["metrics"].items():
             stats.add_row(key, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
-                          f"{s['wins']}/{s['ties']}/{s['losses']}", "significant" if s["significant"] else "not significant")
+                          f"{s['wins']}/{s['ties']}/{s['losses']}", terminal.significance(s["significant"], narrow))
         console.print(stats)
-        outcomes = Table(title=f"{c['b']} vs {c['a']}: answers that end (higher is better) and that loop (lower is better)")
-        for col in ("outcome", c["a"], c["b"], "95% CI of Δ", "p (McNemar)", f"only {c['b']} / only {c['a']}", "finding"):
-            outcomes.add_column(col, justify="left" if col in ("outcome", "finding") else "right")
-        for key, s in c["binary"].items():
-            outcomes.add_row(key, f"{s['a_rate']:.3f}", f"{s['b_rate']:.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
-                             f"{s['b_only']} / {s['a_only']}", binary_finding(s, key))
+        outcomes = _outcomes_table(c, narrow)
         console.print(outcomes)
     knowledge.print_knowledge(report, console)
+
+
+def _outcomes_table(c: dict, narrow: bool):
+    """Answers that end and that loop, one pair of models: rates, the difference's interval,
+    McNemar's p and the questions where only one of the two did it."""
+    title = f"{c['b']} vs {c['a']}: answers that end (higher is better) and that loop (lower is better)"
+    if narrow:
+        outcomes = terminal.table(f"{title}; rates {c['a']} → {c['b']}; only: the questions where only {c['b']} / only {c['a']} "
+                                  "did it; p by McNemar; n.s. = not significant", True)
+        outcomes.add_column("outcome", no_wrap=True)
+        for col in ("rates", "95% CI of Δ", "p", "only"):
+            terminal.number_column(outcomes, col)
+        outcomes.add_column("finding", no_wrap=True)
+    else:
+        outcomes = terminal.table(title, False)
+        for col in ("outcome", c["a"], c["b"], "95% CI of Δ", "p (McNemar)", f"only {c['b']} / only {c['a']}", "finding"):
+            outcomes.add_column(col, justify="left" if col in ("outcome", "finding") else "right")
+    for key, s in c["binary"].items():
+        rates = [f"{s['a_rate']:.3f} → {s['b_rate']:.3f}"] if narrow else [f"{s['a_rate']:.3f}", f"{s['b_rate']:.3f}"]
+        outcomes.add_row(key, *rates, f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
+                         f"{s['b_only']} / {s['a_only']}", binary_finding(s, key, narrow))
+    return outcomes
+
+
+def _breakdown_table(report: dict, narrow: bool):
+    """Means per language and category: one row per group, "base → adapter" in each cell; when
+    narrow, one row per group and model, the group named on its first row."""
+    models = report["models"]
+    short = {"keyword_match": "keywords", "rouge_l": "ROUGE-L", "bleu4": "BLEU-4", "ref_perplexity": "ref ppl"}
+    if not narrow:
+        groups = terminal.table("means per language and category (" + " → ".join(models) + ")", False)
+        for col in ("group", "n", *BREAKDOWN_SHOWN):
+            groups.add_column(col, justify="left" if col == "group" else "right")
+        for field, value, n, cells in breakdown_rows(report):
+            groups.add_row(f"{field} {value}", str(n), *cells)
+        return groups
+    groups = terminal.table("means per language and category", True)
+    groups.add_column("group", no_wrap=True)
+    terminal.number_column(groups, "n")
+    groups.add_column("model", no_wrap=True)
+    for key in BREAKDOWN_SHOWN:
+        terminal.number_column(groups, short.get(key, key))
+    for field, g in report.get("breakdowns", {}).items():
+        for value, group in g.items():
+            for k, m in enumerate(models):
+                cells = [fmt(group["means"][m][key], ".1f" if key == "ref_perplexity" else ".3f") for key in BREAKDOWN_SHOWN]
+                groups.add_row(value if k == 0 else "", str(group["n"]) if k == 0 else "", m, *cells,
+                               end_section=k == len(models) - 1)
+    return groups
 
 
 def breakdown_rows(report: dict) -> list[tuple[str, str, int, list[str]]]:
@@ -447,11 +499,13 @@ def share(report: dict, model: str, key: str) -> str:
     return "n/a" if s[key] is None else f"{s[key]:.3f} ({s[f'{key}_count']}/{len(report['questions'])})"
 
 
-def binary_finding(s: dict, key: str) -> str:
-    """McNemar's finding in two or three words: "significantly better", "significantly worse", "not significant"."""
+def binary_finding(s: dict, key: str, short: bool = False) -> str:
+    """McNemar's finding in two or three words: "significantly better", "significantly worse", "not significant";
+    short: "better", "worse" (both significant), "n.s."."""
     if not s["significant"]:
-        return "not significant"
-    return "significantly " + ("better" if (s["mean_delta"] > 0) == BINARY[key][1] else "worse")
+        return "n.s." if short else "not significant"
+    better = "better" if (s["mean_delta"] > 0) == BINARY[key][1] else "worse"
+    return better if short else f"significantly {better}"
 
 
 def precision(report: dict) -> str:

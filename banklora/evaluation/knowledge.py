@@ -110,27 +110,32 @@ def knowledge_report(items: list[Choice], option_nll: dict[str, list[float]], mo
 
 
 def print_knowledge(report: dict, console) -> None:
-    from rich.table import Table
+    from banklora.evaluation import terminal
 
     k = report.get("knowledge")
     if not k:
         return
+    narrow = terminal.is_narrow(console)
     models = report["models"]
-    table = Table(title=f"knowledge test ({', '.join(k['sources'])}): accuracy, chance {k['chance']:.2f}")
-    table.add_column("part")
-    table.add_column("n", justify="right")
+    table = terminal.table(f"knowledge test ({', '.join(k['sources'])}): accuracy, chance {k['chance']:.2f}", narrow)
+    table.add_column("part", no_wrap=True)
+    terminal.number_column(table, "n")
     for m in models:
-        table.add_column(m, justify="right")
+        terminal.number_column(table, m)
     for name, cell in k["accuracy"][models[0]].items():
         table.add_row(name, str(cell["n"]), *[f"{k['accuracy'][m][name]['accuracy']:.3f}" for m in models])
     console.print(table)
     for c in k["comparisons"]:
-        stats = Table(title=f"{c['b']} vs {c['a']} on the knowledge test")
-        for col in ("part", "accuracy Δ", "95% CI", "p (McNemar)", f"only {c['b']} right / only {c['a']} right", "finding"):
-            stats.add_column(col, justify="left" if col in ("part", "finding") else "right")
+        stats = terminal.table(f"{c['b']} vs {c['a']} on the knowledge test"
+                               + (f"; only: the questions only {c['b']} / only {c['a']} got right; p by McNemar" if narrow else ""), narrow)
+        stats.add_column("part", no_wrap=True)
+        for col in ("Δ" if narrow else "accuracy Δ", "95% CI", "p" if narrow else "p (McNemar)",
+                    "only" if narrow else f"only {c['b']} right / only {c['a']} right"):
+            terminal.number_column(stats, col)
+        stats.add_column("significant" if narrow else "finding", no_wrap=True)
         for name, s in c["parts"].items():
             stats.add_row(name, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
-                          f"{s['b_only']} / {s['a_only']}", "significant" if s["significant"] else "not significant")
+                          f"{s['b_only']} / {s['a_only']}", terminal.significance(s["significant"], narrow))
         console.print(stats)
 
 
