@@ -92,7 +92,7 @@ class TrainSettings:
     output_dir: str = "outputs/lora_banking"
     """Where the adapter goes."""
     epochs: float = 3.0
-    """Passes over the training split (3 with lr 1e-3 and the turn tokens trained: the measured recipe, README "Training recipe"; the quickstart runs 1)."""
+    """Passes over the training split (3 with lr 1e-3 and the turn tokens trained: the measured recipe, docs/training.md, "Training recipe"; the quickstart runs 1)."""
     batch_size: int = 4
     """Examples per optimizer step (per process)."""
     lr: float = 1e-3
@@ -109,6 +109,8 @@ class TrainSettings:
     """Gradients are clipped to this global norm."""
     neftune_alpha: float = 0.0
     """NEFTune: uniform noise of scale alpha / sqrt(tokens x hidden) on the input embeddings while training (5 in the paper); 0 = off."""
+    unlikelihood: float = 0.0
+    """Token-level unlikelihood (Welleck et al. 2019): the loss adds this weight x -log(1 - p) of every token the answer already said, where the reference says another; it trains answers not to loop. 0 = off."""
     seed: int = 42
     """Random seed: data order, LoRA initialisation, dropout."""
     dtype: str = "auto"
@@ -139,7 +141,9 @@ class TrainSettings:
     """Non-finite loss or gradient norm skips the step; this many in a row abort the run."""
     low_memory: bool = _resumable(False)
     """Lower peak memory for slower steps: freed activations go back to the OS at once and
-    LM-head chunks of 64 tokens (0.5x the reference's peak, 0.8x the speed; README, Performance)."""
+    LM-head chunks of 64 tokens (0.5x the reference's peak, 0.8x the speed; docs/performance.md)."""
+    report_to: tuple[str, ...] = _resumable(("tensorboard",), comma=True)
+    """Experiment tracking, comma-separated: tensorboard (event files in <output-dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, else sqlite:///<output-dir's folder>/mlflow.db; pip install 'banklora[mlflow]'); none = off."""
     turn_end_budget: int = _resumable(160)
     """The turn-end check at the end of training: validation prompts answered greedily with this many new tokens at most, and the P(<end_of_turn>) after their reference answers; 0 = skip it."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -165,6 +169,11 @@ class TrainSettings:
                 raise UsageError(f"{flag} must be positive (got {value})")
         if self.neftune_alpha < 0:
             raise UsageError(f"--neftune-alpha must be 0 (off) or positive, e.g. 5 (got {self.neftune_alpha})")
+        from banklora.tracking import check_reporters
+
+        self.report_to = check_reporters(tuple(self.report_to.split(",")) if isinstance(self.report_to, str) else tuple(self.report_to))
+        if self.unlikelihood < 0:
+            raise UsageError(f"--unlikelihood must be 0 (off) or positive, e.g. 0.5 (got {self.unlikelihood})")
         if self.max_length < 16:
             raise UsageError(f"--max-length must be at least 16 tokens (got {self.max_length})")
         if self.max_steps is not None and self.max_steps < 1:
@@ -206,7 +215,7 @@ COMPARE_BATCH_SIZE = 128
 
 
 # The repetition penalty chat, the server and the web chat use unless told otherwise (compare stays
-# plain greedy). Measured on the 48 validation questions, greedy, 160 tokens (README, Turn tokens):
+# plain greedy). Measured on the 48 validation questions, greedy, 160 tokens (docs/training.md, "Turn tokens"):
 # the 1-epoch quickstart adapter's answers ended 30 -> 44 and looped 32 -> 14 with it; the 3-epoch
 # adapter's ended 39 -> 47 and looped 11 -> 2.
 CHAT_REPETITION_PENALTY = 1.15

@@ -30,6 +30,51 @@ def _loss_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[tor
     return loss, probs.div_(total)
 
 
+def repeat_candidates(targets: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each answer token, the tokens its answer already said: the candidates of token-level
+    unlikelihood training (Welleck et al. 2019, "Neural text generation with unlikelihood training").
+
+    `targets` (B, T) and `keep` (B, T) as token_losses has them. Returns (candidates (N, K), mask
+    (N, K)) in the order of targets[keep]: row i lists, once each, the tokens that came before
+    token i in the same answer, except token i itself (saying a token again where the reference
+    does is right). Only the answer's own tokens count, not the prompt's: an answer repeats its
+    question's words legitimately.
+    """
+    rows = []
+    for answer in (t[k] for t, k in zip(targets, keep)):
+        n = answer.numel()
+        same = answer[:, None] == answer[None, :]  # (n, n)
+        earlier = torch.ones(n, n, dtype=torch.bool, device=answer.device).tril(-1)  # j < i
+        first = ~(same & earlier).any(dim=1)  # the first time each token appears
+        rows.append((earlier & first[None, :] & ~same, answer))
+    width = max((int(m.sum(dim=1).max()) for m, _ in rows if m.numel()), default=0)
+    width = max(width, 1)
+    candidates, masks = [], []
+    for mask, answer in rows:
+        n = answer.numel()
+        if not n:
+            continue
+        order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]  # the candidates first
+        taken = mask.gather(1, order)
+        candidates.append(torch.where(taken, answer[order], torch.zeros_like(order)))
+        masks.append(taken)
+    if not candidates:
+        return targets.new_zeros(0, width), keep.new_zeros(0, width)
+    return torch.cat(candidates), torch.cat(masks)
+
+
+def _unlikelihood_(probs: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level unlikelihood of a chunk: -sum log(1 - p(c)) over each token's candidates, (n,),
+    and its gradient with respect to the (capped) logits, (V, n), given the softmax `probs` (V, n).
+    d(-log(1 - p_c)) / dz = p_c / (1 - p_c) x (onehot_c - p)."""
+    p = probs.gather(0, candidates.T).clamp(max=1 - 1e-6) * mask.T  # (K, n); masked slots read token 0 and count 0
+    loss = -torch.log1p(-p).sum(dim=0)
+    w = p / (1 - p)
+    grad = probs * -w.sum(dim=0, keepdim=True)
+    grad.scatter_add_(0, candidates.T, w)
+    return loss, grad
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Cross-entropy of a frozen LM head over hidden states, HEAD_CHUNK rows at a time.
 
@@ -45,8 +90,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, cap, chunk, index=None, rows=None):
-        losses, grads, row_grads = [], [], []
+    def forward(ctx, hidden, weight, targets, cap, chunk, index=None, rows=None, unlikely=None):
+        losses, grads, row_grads, plain = [], [], [], []
         trained = index is not None
         ctx.trained = trained and ctx.needs_input_grad[6]
         backward = ctx.needs_input_grad[0] or ctx.trained
@@ -66,8 +111,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 continue
             slope = 1 - (logits / cap) ** 2 if cap else None  # d(cap * tanh(z / cap)) / dz, before the softmax overwrites them
             loss, dlogits = _loss_and_softmax_(logits, t)
+            plain.append(loss)
+            if unlikely is not None:  # (alpha, candidates (N, K), mask (N, K)): the repeats' unlikelihood joins the loss
+                alpha, candidates, mask = unlikely
+                extra, d_extra = _unlikelihood_(dlogits, candidates[i : i + chunk], mask[i : i + chunk])
+                loss = loss + alpha * extra
+                dlogits[t, torch.arange(len(t), device=t.device)] -= 1  # softmax - onehot
+                dlogits.add_(d_extra, alpha=alpha)
+                del d_extra
+            else:
+                dlogits[t, torch.arange(len(t), device=t.device)] -= 1  # softmax - onehot
             losses.append(loss)
-            dlogits[t, torch.arange(len(t), device=t.device)] -= 1  # softmax - onehot
             if cap:
                 dlogits *= slope
             dlogits = dlogits.to(weight.dtype)
@@ -79,15 +133,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             grads.append(grad.to(hidden.dtype))
         ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(0),
                               torch.cat(row_grads, dim=1) if ctx.trained else None, hidden if ctx.trained else None)
-        return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        cross_entropy = torch.cat(plain) if plain else torch.cat(losses) if losses else empty
+        ctx.mark_non_differentiable(cross_entropy)
+        return (torch.cat(losses) if losses else empty), cross_entropy
 
     @staticmethod
-    def backward(ctx, grad_losses):
+    def backward(ctx, grad_losses, _grad_cross_entropy):
         grads, row_grads, hidden = ctx.saved_tensors
         grad_rows = None
         if ctx.trained:  # (k, N) @ (N, H): each token's share, scaled by its loss's gradient
             grad_rows = torch.mm(row_grads * grad_losses[None, :].to(row_grads.dtype), hidden.to(row_grads.dtype))
-        return grads * grad_losses[:, None].to(grads.dtype), None, None, None, None, None, grad_rows
+        return grads * grad_losses[:, None].to(grads.dtype), None, None, None, None, None, grad_rows, None
 
 
 def token_losses(model, batch: dict[str, torch.Tensor], head_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,30 +154,56 @@ def token_losses(model, batch: dict[str, torch.Tensor], head_chunk: int | None =
     padding), in chunks, with the gradient taken as they go (_ChunkedHeadLoss). Exact: equal to
     the model's own loss and gradients within float rounding (tested).
     """
+    causal_lm, rows, targets, keep = _answer_states(model, batch)
+    return head_losses(causal_lm, rows, targets[keep], head_chunk), keep
+
+
+def unlikelihood_losses(model, batch: dict[str, torch.Tensor], alpha: float, head_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training with token-level unlikelihood: at each answer token, (N,) objectives, cross-entropy
+    + alpha x -sum log(1 - p(c)) over the tokens c the answer already said (repeat_candidates),
+    and the (N,) cross-entropies alone (no gradient: what the log reports). Lowering the
+    probability of saying again what was said is what stops greedy answers looping."""
+    causal_lm, rows, targets, keep = _answer_states(model, batch)
+    candidates, mask = repeat_candidates(targets, keep)
+    return head_losses(causal_lm, rows, targets[keep], head_chunk, unlikely=(alpha, candidates, mask))
+
+
+def _answer_states(model, batch: dict[str, torch.Tensor]):
+    """(the causal LM, the final hidden states at answer positions (N, H), the next tokens (B, T-1), their mask (B, T-1))."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
-    return head_losses(causal_lm, hidden[:, :-1][keep], targets[keep], head_chunk), keep
+    return causal_lm, hidden[:, :-1][keep], targets, keep
 
 
-def head_losses(causal_lm, rows: torch.Tensor, wanted: torch.Tensor, head_chunk: int | None = None) -> torch.Tensor:
+def head_losses(causal_lm, rows: torch.Tensor, wanted: torch.Tensor, head_chunk: int | None = None, unlikely=None):
     """Next-token cross-entropy of the LM head (softcapped where the model caps its logits) at the
-    final hidden states `rows` (N, H) against the tokens `wanted` (N,): (N,) losses."""
+    final hidden states `rows` (N, H) against the tokens `wanted` (N,): (N,) losses.
+    With `unlikely` = (alpha, candidates (N, K), mask (N, K)): (objectives, cross-entropies), as
+    unlikelihood_losses says."""
     head, trained = token_rows(causal_lm.lm_head)
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if type(head) is not torch.nn.Linear or head.weight.requires_grad or head.bias is not None:  # int8, trained or biased head
         logits = causal_lm.lm_head(rows).float()
         logits = torch.tanh(logits / cap) * cap if cap else logits
-        return F.cross_entropy(logits, wanted, reduction="none")
+        losses = F.cross_entropy(logits, wanted, reduction="none")
+        if unlikely is None:
+            return losses
+        alpha, candidates, mask = unlikely
+        p = logits.softmax(dim=-1).gather(1, candidates).clamp(max=1 - 1e-6) * mask
+        return losses - alpha * torch.log1p(-p).sum(dim=1), losses.detach()
     device = rows.device.type
+    chunk = head_chunk or HEAD_CHUNK
     if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16 and head.weight.dtype == torch.float32:
         # bf16 autocast (mixed-precision training): the head's products in bf16 from a cached bf16 copy of its
         # frozen weight, where autocast would convert all 168M elements again for every chunk; softmax and loss in fp32
         weight = _bf16_copy(head)
         with torch.autocast(device, enabled=False):
-            return _ChunkedHeadLoss.apply(rows.to(weight.dtype), weight, wanted, cap, head_chunk or HEAD_CHUNK, *(trained or (None, None)))
-    return _ChunkedHeadLoss.apply(rows, head.weight, wanted, cap, head_chunk or HEAD_CHUNK, *(trained or (None, None)))
+            out = _ChunkedHeadLoss.apply(rows.to(weight.dtype), weight, wanted, cap, chunk, *(trained or (None, None)), unlikely)
+    else:
+        out = _ChunkedHeadLoss.apply(rows, head.weight, wanted, cap, chunk, *(trained or (None, None)), unlikely)
+    return out if unlikely is not None else out[0]
 
 
 def _bf16_copy(head: torch.nn.Linear) -> torch.Tensor:
@@ -164,14 +247,21 @@ def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False
 
 class AnswerLoss(torch.nn.Module):
     """The PEFT model and its answer-only loss as one module, so DDP / FSDP / DeepSpeed wrap the
-    whole computation (their gradient hooks need the forward to run through the wrapper)."""
+    whole computation (their gradient hooks need the forward to run through the wrapper).
+    unlikelihood > 0 adds token-level unlikelihood on the answer's repeats (unlikelihood_losses)."""
 
-    def __init__(self, peft_model, head_chunk: int | None = None):
+    def __init__(self, peft_model, head_chunk: int | None = None, unlikelihood: float = 0.0):
         super().__init__()
-        self.peft_model, self.head_chunk = peft_model, head_chunk
+        self.peft_model, self.head_chunk, self.unlikelihood = peft_model, head_chunk, unlikelihood
 
-    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of answer-token losses, number of answer tokens): the caller normalises globally."""
+    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of the answer tokens' objectives, number of answer tokens, sum of their cross-entropies):
+        the caller normalises globally; the objective is the cross-entropy unless unlikelihood is on."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        token_loss, _ = token_losses(self.peft_model, batch, self.head_chunk)
-        return token_loss.sum(), torch.tensor(token_loss.numel(), device=token_loss.device, dtype=torch.float32)
+        if self.unlikelihood:
+            objective, cross_entropy = unlikelihood_losses(self.peft_model, batch, self.unlikelihood, self.head_chunk)
+        else:
+            objective, _ = token_losses(self.peft_model, batch, self.head_chunk)
+            cross_entropy = objective.detach()
+        n = torch.tensor(objective.numel(), device=objective.device, dtype=torch.float32)
+        return objective.sum(), n, cross_entropy.sum()

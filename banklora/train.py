@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from banklora import basemodel, card, checkpoint, destination, kernels, loss, progress
+from banklora import basemodel, card, checkpoint, destination, kernels, loss, progress, tracking
 from banklora.checkpoint import StopRequest, TrainerState, TrainingInterrupted  # noqa: F401  (TrainingInterrupted: part of the API)
 from banklora.config import TrainSettings, load_train_settings
 from banklora.data.batching import collate, epoch_batches
@@ -34,7 +34,7 @@ from banklora.modeling import META_FILE, add_lora, frozen_in_bf16, load, load_to
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"  # the adapter with the lowest validation loss, inside the final adapter directory
-RUN_FILES = (progress.METRICS_FILE, progress.LOSS_CURVE, BEST_DIR)  # what a run writes in its checkpoint folder besides step-N
+RUN_FILES = (progress.METRICS_FILE, progress.LOSS_CURVE, BEST_DIR, tracking.TENSORBOARD_DIR, tracking.MLFLOW_RUN_FILE)  # what a run writes in its checkpoint folder besides step-N
 Resume = bool | None | str  # True: continue; False: discard checkpoints; None: refuse if any; "auto": continue if any
 
 
@@ -70,6 +70,7 @@ class _Run:
     resumed_from: int | None = None
     precision: str | None = None  # "bf16": the forward under bf16 autocast over fp32 weights (modeling.mixed_precision)
     epoch_order: tuple[int, list] = (-1, [])  # (epoch, its global batches as indices into encoded)
+    trackers: object = None  # tracking.Trackers on the main process when --report-to names any
 
     @property
     def pad_id(self) -> int:
@@ -117,11 +118,15 @@ def train(settings: TrainSettings, show_progress: bool = True, resume: Resume = 
         _setup_optimizer(run)
         if resume:
             _resume(run, found)
+        if run.accelerator.is_main_process and settings.report_to:
+            run.trackers = tracking.Trackers(settings.report_to, settings.checkpoints, settings.output_dir, settings.to_dict(), run.resumed_from)
         _log_start(run, found)
         before = run.state.elapsed  # fitting time of the interrupted part, when resuming
         stopped_early = _fit(run, show_progress, on_step)
         result = _save(run, time.perf_counter() - start + before, stopped_early)
     except BaseException:
+        if run.trackers is not None:
+            run.trackers.close(finished=False)
         if run.accelerator.is_main_process and checkpoint.latest(settings.checkpoints) is None:
             checkpoint.remove_run(settings.checkpoints, RUN_FILES)  # nothing to resume from: leave no litter
         raise
@@ -224,7 +229,7 @@ def _setup_optimizer(run: _Run) -> None:
         log.warning("%s run: resumable checkpoints are off (they cover single-process and DDP runs)", engine)
         run.settings = s = dataclasses.replace(s, save_every=0)
     head_chunk = loss.LOW_MEMORY_HEAD_CHUNK if s.low_memory else None
-    run.module, run.optimizer = acc.prepare(loss.AnswerLoss(run.peft_model, head_chunk), optimizer)
+    run.module, run.optimizer = acc.prepare(loss.AnswerLoss(run.peft_model, head_chunk, s.unlikelihood), optimizer)
     run.steps_per_epoch = math.ceil(len(run.encoded) / (s.batch_size * acc.num_processes))
     run.total = s.max_steps or math.ceil(s.epochs * run.steps_per_epoch)
     run.warmup = s.warmup_for(run.total)
@@ -279,7 +284,6 @@ def _fit(run: _Run, show_progress: bool, on_step) -> bool:
     """The loop. Returns True when early stopping ended it before the last step."""
     s, acc, state = run.settings, run.accelerator, run.state
     main = acc.is_main_process
-    metrics = s.checkpoints / progress.METRICS_FILE
     bad_in_row, tokens_here, fit_start, stop_early = 0, 0, time.perf_counter(), False
     with StopRequest() as stop, progress.Progress(run.total, state.step, show_progress and main) as bar:
         while state.step < run.total:
@@ -301,7 +305,7 @@ def _fit(run: _Run, show_progress: bool, on_step) -> bool:
                 state.skipped_steps.append(state.step)
             if main:
                 reason = None if stepped else "non-finite loss" if not math.isfinite(step_loss) else "non-finite gradient norm"
-                _log_step(run, metrics, step_loss, grad_norm, lr, rate, state.elapsed + time.perf_counter() - fit_start, reason)
+                _log_step(run, step_loss, grad_norm, lr, rate, state.elapsed + time.perf_counter() - fit_start, reason)
                 bar.update(state.step, (f"loss {step_loss:.4f}" if math.isfinite(step_loss) else "loss n/a (skipped)") + f"  {rate:,.0f} tok/s")
             if bad_in_row >= s.max_bad_steps:
                 last = checkpoint.latest(s.checkpoints)
@@ -339,22 +343,22 @@ def _train_step(run: _Run) -> tuple[float, float | None, int]:
     weight = 1.0 if local else 0.0  # a process with no example left runs a dummy that counts for nothing
     batch = {key: v.to(acc.device) for key, v in collate([run.encoded[i] for i in local or global_batch[:1]], run.pad_id).items()}
     # 2) forward; the loss is the mean over the global batch's answer tokens
-    loss_sum, n_tokens = run.module(**batch)
-    loss_sum, n_tokens = loss_sum * weight, n_tokens * weight
+    objective, n_tokens, loss_sum = run.module(**batch)  # the objective is the loss unless --unlikelihood adds to it
+    objective, n_tokens, loss_sum = objective * weight, n_tokens * weight, loss_sum * weight
     n_seen = batch["attention_mask"].sum().to(n_tokens.dtype) * weight
-    totals = torch.stack([loss_sum.detach(), n_tokens, n_seen])  # one collective per step for all three sums
+    totals = torch.stack([loss_sum, n_tokens, n_seen, objective.detach()])  # one collective per step for all the sums
     totals = acc.reduce(totals, "sum") if world > 1 else totals
     step_loss = (totals[0] / totals[1].clamp(min=1)).item()
     # 3) backward and clip, unless the loss is not finite
     grad_norm: float | None = float("nan")
-    if math.isfinite(step_loss):
-        acc.backward(loss_sum * world / totals[1].clamp(min=1))  # DDP averages: x world gives the global mean's gradient
+    if math.isfinite(step_loss) and math.isfinite(totals[3].item()):
+        acc.backward(objective * world / totals[1].clamp(min=1))  # DDP averages: x world gives the global mean's gradient
         norm = acc.clip_grad_norm_([p for p in run.peft_model.parameters() if p.requires_grad], s.max_grad_norm)
         grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
     return step_loss, grad_norm, int(totals[2])
 
 
-def _log_step(run: _Run, metrics: Path, step_loss: float, grad_norm, lr: float, rate: float, elapsed: float, skipped: str | None) -> None:
+def _log_step(run: _Run, step_loss: float, grad_norm, lr: float, rate: float, elapsed: float, skipped: str | None) -> None:
     state = run.state
     record = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4), "loss": state.losses[-1],
               "grad_norm": None if grad_norm is None else round(grad_norm, 6), "lr": lr, "tokens": state.tokens,
@@ -362,7 +366,14 @@ def _log_step(run: _Run, metrics: Path, step_loss: float, grad_norm, lr: float, 
     if skipped:
         record["skipped"] = skipped
         log.warning("step %d skipped: %s", state.step, skipped)
-    progress.append(metrics, record)
+    _record(run, record)
+
+
+def _record(run: _Run, record: dict) -> None:
+    """A step's, validation's or check's record: into metrics.jsonl and the trackers (--report-to)."""
+    progress.append(run.settings.checkpoints / progress.METRICS_FILE, record)
+    if run.trackers is not None:
+        run.trackers.log(record)
 
 
 def _maybe_checkpoint(run: _Run, stop: StopRequest, fit_start: float, stop_early: bool) -> None:
@@ -397,7 +408,7 @@ def _validate(run: _Run, bar) -> bool:
     for i in range(n_batches):
         chunk = mine[i * s.batch_size : (i + 1) * s.batch_size]
         batch = {k: v.to(acc.device) for k, v in collate(chunk or validation[:1], run.pad_id).items()}
-        loss_sum, n = run.module(**batch)
+        _, n, loss_sum = run.module(**batch)
         if chunk:
             sums += torch.stack([loss_sum, n])
     run.module.train()
@@ -415,7 +426,7 @@ def _validate(run: _Run, bar) -> bool:
         state.evals_without_improvement += 1
     acc.wait_for_everyone()
     if bar is not None:
-        progress.append(s.checkpoints / progress.METRICS_FILE, {"step": state.step, "validation_loss": state.validation[-1]["loss"], "best": improved})
+        _record(run, {"step": state.step, "validation_loss": state.validation[-1]["loss"], "best": improved})
         bar.print(f"step {state.step}: validation loss {val:.4f}{' (best so far)' if improved else ''}")
     return bool(s.early_stopping_patience) and state.evals_without_improvement >= s.early_stopping_patience
 
@@ -438,7 +449,7 @@ def _turn_end(run: _Run) -> dict:
     log.info("turn-end check on %d validation examples (%.0f s): %s", result.prompts, time.perf_counter() - start, result.summary())
     if result.warning():
         log.warning(result.warning())
-    progress.append(run.settings.checkpoints / progress.METRICS_FILE, {"step": run.state.step, "turn_end": result.to_dict()})
+    _record(run, {"step": run.state.step, "turn_end": result.to_dict()})
     return result.to_dict()
 
 
@@ -474,8 +485,12 @@ def _save(run: _Run, wall: float, stopped_early: bool) -> TrainResult:
         curve = s.checkpoints / progress.LOSS_CURVE
         progress.plot_loss_curve(state.losses, state.validation, curve, title=f"{output.name}: loss per step")
         extras = {progress.METRICS_FILE: s.checkpoints / progress.METRICS_FILE, progress.LOSS_CURVE: curve}
-        if (s.checkpoints / BEST_DIR).is_dir():
-            extras[BEST_DIR] = s.checkpoints / BEST_DIR
+        if run.trackers is not None:
+            run.trackers.close(finished=True)  # the event files complete before they are copied
+            run.trackers = None
+        for name in (BEST_DIR, tracking.TENSORBOARD_DIR):
+            if (s.checkpoints / name).is_dir():
+                extras[name] = s.checkpoints / name
         try:
             save_adapter(run.peft_model, run.loaded.tokenizer, output, meta, extras, state_dict=full)
         except OSError as exc:  # a full disk, a folder gone: the trained run must not go with it

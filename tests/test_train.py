@@ -263,6 +263,78 @@ def test_chunked_answer_loss_gives_the_full_computations_loss_and_gradients(tiny
         assert torch.allclose(ours[name], full[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_repeat_candidates_are_the_answers_earlier_tokens_once_each_but_the_target():
+    from banklora.loss import repeat_candidates
+
+    ignore = -100
+    targets = torch.tensor([[ignore, ignore, 5, 6, 5, 7, 6, ignore], [ignore, 9, 9, 8, ignore, ignore, ignore, ignore]])
+    candidates, mask = repeat_candidates(targets, targets != ignore)
+    listed = [sorted(c[m].tolist()) for c, m in zip(candidates, mask)]
+    assert listed == [[], [5], [6], [5, 6], [5, 7],  # 5 6 5 7 6: the second 5 is not its own candidate
+                      [], [], [9]]  # 9 9 8: a token the reference repeats is never pushed down
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_unlikelihood_in_chunks_gives_the_full_computations_loss_and_gradients(tiny_base, tokenizer, monkeypatch, softcap):
+    import banklora.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK", 7)
+    loaded = load(str(tiny_base), training=True)
+    loaded.model.config.final_logit_softcapping = softcap
+    model = lora_model(loaded, LoraSettings(dropout=0.0))  # the turn tokens' rows trained too
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    batch = seed_batch(tokenizer)
+    model.eval()
+    alpha = 0.7
+
+    def full():  # the textbook computation: all logits, autograd
+        logits = model(**batch).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        candidates, mask = loss_module.repeat_candidates(targets, keep)
+        logp = logits[keep].log_softmax(dim=-1)
+        nll = -logp.gather(1, targets[keep][:, None])[:, 0]
+        p = logp.exp().gather(1, candidates) * mask
+        return nll, nll - alpha * torch.log1p(-p).sum(dim=1)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        nll, objective = fn()
+        objective.sum().backward()
+        return nll.detach(), objective.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def ours():
+        objective, nll = loss_module.unlikelihood_losses(model, batch, alpha)
+        return nll, objective
+
+    full_nll, full_objective, full_grads = grads(full)
+    our_nll, our_objective, our_grads = grads(ours)
+    assert torch.allclose(our_nll, full_nll, atol=1e-4) and torch.allclose(our_objective, full_objective, atol=1e-4)
+    assert (full_objective - full_nll).sum() > 0.01  # the unlikelihood term is there, so the gradients below test it
+    assert full_grads.keys() == our_grads.keys() and any("trainable_tokens" in n for n in full_grads)
+    for name in full_grads:
+        scale = full_grads[name].abs().max()  # float rounding, relative to the gradient's size
+        assert (our_grads[name] - full_grads[name]).abs().max() <= 1e-4 * scale, name
+
+
+def test_training_with_unlikelihood_logs_the_plain_loss_and_moves_the_weights(tiny_base, small_data, tmp_path):
+    def run(weight, name):
+        settings = TrainSettings(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(tmp_path / name), max_steps=2,
+                                 batch_size=2, lr=1e-3, unlikelihood=weight)
+        return train(settings, show_progress=False)
+
+    plain, unlikely = run(0.0, "plain"), run(1.0, "unlikely")
+    assert plain.losses[0] == pytest.approx(unlikely.losses[0], abs=1e-5)  # step 1 reports cross-entropy, before any update
+    assert plain.losses[1] != pytest.approx(unlikely.losses[1], abs=1e-5)  # the first update differed
+    meta = json.loads((tmp_path / "unlikely" / "banklora_meta.json").read_text())
+    assert meta["training"]["unlikelihood"] == 1.0
+    with pytest.raises(UsageError, match="--unlikelihood"):
+        TrainSettings(unlikelihood=-0.5)
+
+
 def test_neftune_noise_is_bounded_on_while_training_and_off_in_eval(tiny_base):
     from transformers import AutoModelForCausalLM
 
