@@ -12,15 +12,20 @@ TORCH ?= torch==2.13.0+cpu
 quickstart: $(VENV)/.installed
 	$(BIN)/banklora quickstart
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 install: $(VENV)/.installed
 
+# banklora itself; the tests' tools (pytest, the openai client, playwright, MLflow) only for make test
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "banklora needs Python 3.10 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)" 2>/dev/null || echo "no $(TORCH) here; pip takes torch from pyproject's range"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
