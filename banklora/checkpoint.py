@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from banklora.config import resumable_changes
+from banklora.config import TrainSettings, resumable_changes
 from banklora.errors import BankloraError, UsageError
 from banklora.io import to_json
 
@@ -72,12 +72,15 @@ def check_resumable(found: Path, settings: dict, dataset_sha256: str, processes:
     sentence that says what differs (settings, data, or the number of processes)."""
     saved = TrainerState.read(found)
     now = json.loads(json.dumps(settings))  # tuples as lists, as the checkpoint stored them
+    # a setting newer than the checkpoint had its default then
+    defaults = json.loads(json.dumps(TrainSettings().to_dict()))
+    then = defaults | {k: v for k, v in saved.settings.items() if k != "lora"} | {"lora": defaults["lora"] | saved.settings.get("lora", {})}
     allowed = resumable_changes()
-    changed = sorted(k for k in set(now) | set(saved.settings) if k not in allowed and k != "lora" and now.get(k) != saved.settings.get(k))
-    changed += [f"lora.{k}" for k in now["lora"] if now["lora"][k] != saved.settings.get("lora", {}).get(k)]
+    changed = sorted(k for k in set(now) | set(then) if k not in allowed and k != "lora" and now.get(k) != then.get(k))
+    changed += [f"lora.{k}" for k in now["lora"] if now["lora"][k] != then["lora"].get(k)]
     if changed:
         first = changed[0]
-        was = saved.settings.get(first) if "." not in first else saved.settings["lora"].get(first[5:])
+        was = then.get(first) if "." not in first else then["lora"].get(first[5:])
         raise UsageError(
             f"--resume: the settings differ from the checkpoint's ({', '.join(changed)}; e.g. {first} was {was!r}); "
             "resume with the same settings (a resumed run repeats the original exactly), or start afresh with --no-resume"

@@ -37,42 +37,46 @@ def repeat_candidates(targets: torch.Tensor, keep: torch.Tensor) -> tuple[torch.
     `targets` (B, T) and `keep` (B, T) as token_losses has them. Returns (candidates (N, K), mask
     (N, K)) in the order of targets[keep]: row i lists, once each, the tokens that came before
     token i in the same answer, except token i itself (saying a token again where the reference
-    does is right). Only the answer's own tokens count, not the prompt's: an answer repeats its
-    question's words legitimately.
+    does is right). Only the answer's own tokens count, not the prompt's (an answer repeats its
+    question's words legitimately), and in a conversation each answer (a run of kept positions)
+    counts alone.
     """
     rows = []
-    for answer in (t[k] for t, k in zip(targets, keep)):
+    for target, kept in zip(targets, keep):
+        answer = target[kept]
+        starts = kept & ~torch.cat([kept.new_zeros(1), kept[:-1]])  # where each answer of the row begins
+        segment = starts.cumsum(0)[kept]
         n = answer.numel()
         same = answer[:, None] == answer[None, :]  # (n, n)
-        earlier = torch.ones(n, n, dtype=torch.bool, device=answer.device).tril(-1)  # j < i
-        first = ~(same & earlier).any(dim=1)  # the first time each token appears
+        earlier = torch.ones(n, n, dtype=torch.bool, device=answer.device).tril(-1) & (segment[:, None] == segment[None, :])  # j < i, same answer
+        first = ~(same & earlier).any(dim=1)  # the first time each token appears in its answer
         rows.append((earlier & first[None, :] & ~same, answer))
-    width = max((int(m.sum(dim=1).max()) for m, _ in rows if m.numel()), default=0)
-    width = max(width, 1)
+    width = max([int(m.sum(dim=1).max()) for m, _ in rows if m.numel()] + [1])
     candidates, masks = [], []
     for mask, answer in rows:
-        n = answer.numel()
-        if not n:
+        if not answer.numel():
             continue
+        mask = torch.nn.functional.pad(mask, (0, max(0, width - mask.shape[1])))  # an answer shorter than the widest row's candidates
         order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]  # the candidates first
         taken = mask.gather(1, order)
-        candidates.append(torch.where(taken, answer[order], torch.zeros_like(order)))
+        candidates.append(torch.where(taken, answer[order.clamp(max=answer.numel() - 1)], torch.zeros_like(order)))
         masks.append(taken)
     if not candidates:
         return targets.new_zeros(0, width), keep.new_zeros(0, width)
     return torch.cat(candidates), torch.cat(masks)
 
 
-def _unlikelihood_(probs: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-level unlikelihood of a chunk: -sum log(1 - p(c)) over each token's candidates, (n,),
-    and its gradient with respect to the (capped) logits, (V, n), given the softmax `probs` (V, n).
+def _add_unlikelihood(dlogits: torch.Tensor, alpha: float, candidates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-level unlikelihood of a chunk, given the softmax (V, n) in `dlogits`: returns
+    -sum log(1 - p(c)) over each token's candidates, (n,), and adds alpha x its gradient with
+    respect to the (capped) logits to `dlogits` in place (no second (V, n) buffer):
     d(-log(1 - p_c)) / dz = p_c / (1 - p_c) x (onehot_c - p)."""
-    p = probs.gather(0, candidates.T).clamp(max=1 - 1e-6) * mask.T  # (K, n); masked slots read token 0 and count 0
+    p = dlogits.gather(0, candidates.T).clamp(max=1 - 1e-6) * mask.T  # (K, n); masked slots read token 0 and count 0
     loss = -torch.log1p(-p).sum(dim=0)
     w = p / (1 - p)
-    grad = probs * -w.sum(dim=0, keepdim=True)
-    grad.scatter_add_(0, candidates.T, w)
-    return loss, grad
+    dlogits.mul_(1 - alpha * w.sum(dim=0, keepdim=True))
+    dlogits.scatter_add_(0, candidates.T, alpha * w)
+    return loss
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -114,13 +118,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             plain.append(loss)
             if unlikely is not None:  # (alpha, candidates (N, K), mask (N, K)): the repeats' unlikelihood joins the loss
                 alpha, candidates, mask = unlikely
-                extra, d_extra = _unlikelihood_(dlogits, candidates[i : i + chunk], mask[i : i + chunk])
-                loss = loss + alpha * extra
-                dlogits[t, torch.arange(len(t), device=t.device)] -= 1  # softmax - onehot
-                dlogits.add_(d_extra, alpha=alpha)
-                del d_extra
-            else:
-                dlogits[t, torch.arange(len(t), device=t.device)] -= 1  # softmax - onehot
+                loss = loss + alpha * _add_unlikelihood(dlogits, alpha, candidates[i : i + chunk], mask[i : i + chunk])
+            dlogits[t, torch.arange(len(t), device=t.device)] -= 1  # softmax - onehot
             losses.append(loss)
             if cap:
                 dlogits *= slope
@@ -258,7 +257,7 @@ class AnswerLoss(torch.nn.Module):
         """(sum of the answer tokens' objectives, number of answer tokens, sum of their cross-entropies):
         the caller normalises globally; the objective is the cross-entropy unless unlikelihood is on."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if self.unlikelihood:
+        if self.unlikelihood and torch.is_grad_enabled():  # validation reads the cross-entropy alone
             objective, cross_entropy = unlikelihood_losses(self.peft_model, batch, self.unlikelihood, self.head_chunk)
         else:
             objective, _ = token_losses(self.peft_model, batch, self.head_chunk)

@@ -10,6 +10,7 @@ Neither touches the network at import or start (MLflow's telemetry is switched o
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -35,6 +36,8 @@ def check_reporters(names: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [n for n in names if n not in REPORTERS]
     if unknown:
         raise UsageError(f"--report-to takes tensorboard, mlflow (comma-separated) or none (got {', '.join(unknown)})")
+    if "mlflow" in names and importlib.util.find_spec("mlflow") is None:
+        raise UsageError("--report-to mlflow needs MLflow: pip install 'banklora[mlflow]' (or drop mlflow from --report-to)")
     return names
 
 
@@ -47,27 +50,39 @@ class Trackers:
 
     def __init__(self, reporters: tuple[str, ...], checkpoints: Path, output_dir: str, settings: dict, resumed_at: int | None):
         self.writer = self.mlflow = None
-        if "tensorboard" in reporters:
-            from torch.utils.tensorboard import SummaryWriter
+        try:
+            if "tensorboard" in reporters:
+                from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run drops the events after its checkpoint's step: they are trained again
-            self.writer = SummaryWriter(log_dir=str(checkpoints / TENSORBOARD_DIR), purge_step=resumed_at + 1 if resumed_at else None)
-            self.writer.add_text("settings", "\n".join(f"    {k}: {v}" for k, v in _flat(settings).items()), 0)
-        if "mlflow" in reporters:
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+                # a resumed run drops the events after its checkpoint's step: they are trained again
+                self.writer = SummaryWriter(log_dir=str(checkpoints / TENSORBOARD_DIR), purge_step=resumed_at + 1 if resumed_at else None)
+                self.writer.add_text("settings", "\n".join(f"    {k}: {v}" for k, v in _flat(settings).items()), 0)
+            if "mlflow" in reporters:
+                self._start_mlflow(checkpoints, output_dir, settings)
+        except BaseException:
+            self.close(finished=False)
+            raise
+
+    def _start_mlflow(self, checkpoints: Path, output_dir: str, settings: dict) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        mlflow.set_tracking_uri(mlflow_uri(output_dir))
+        mlflow.set_experiment("banklora")
+        nested = mlflow.active_run() is not None  # inside a run of the caller's (a notebook, a sweep script)
+        run_id, run = _mlflow_run_id(checkpoints), None
+        if run_id:  # a resumed run continues its MLflow run, where that store still has it
             try:
-                import mlflow
-            except ImportError as exc:
-                raise UsageError("--report-to mlflow needs MLflow: pip install 'banklora[mlflow]' (or drop mlflow from --report-to)") from exc
-            self.mlflow = mlflow
-            mlflow.set_tracking_uri(mlflow_uri(output_dir))
-            mlflow.set_experiment("banklora")
-            run_id = _mlflow_run_id(checkpoints)
-            run = mlflow.start_run(run_id=run_id, run_name=None if run_id else Path(output_dir).name)
-            (checkpoints / MLFLOW_RUN_FILE).write_text(run.info.run_id)  # a resumed run continues the same MLflow run
-            if not run_id:
-                mlflow.log_params({k: str(v)[:500] for k, v in _flat(settings).items()})
-            log.info("MLflow: run %s in %s", run.info.run_id, mlflow.get_tracking_uri())
+                run = mlflow.start_run(run_id=run_id, nested=nested)
+            except MlflowException:
+                log.warning("MLflow run %s is not in %s: the resumed run starts a new one", run_id, mlflow.get_tracking_uri())
+        if run is None:
+            run = mlflow.start_run(run_name=Path(output_dir).name, nested=nested)
+            mlflow.log_params({k: str(v)[:500] for k, v in _flat(settings).items()})
+        self.mlflow = mlflow
+        (checkpoints / MLFLOW_RUN_FILE).write_text(run.info.run_id)
+        log.info("MLflow: run %s in %s", run.info.run_id, mlflow.get_tracking_uri())
 
     def log(self, record: dict) -> None:
         step = record["step"]

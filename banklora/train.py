@@ -70,7 +70,7 @@ class _Run:
     resumed_from: int | None = None
     precision: str | None = None  # "bf16": the forward under bf16 autocast over fp32 weights (modeling.mixed_precision)
     epoch_order: tuple[int, list] = (-1, [])  # (epoch, its global batches as indices into encoded)
-    trackers: object = None  # tracking.Trackers on the main process when --report-to names any
+    trackers: tracking.Trackers | None = None  # on the main process when --report-to names any
 
     @property
     def pad_id(self) -> int:

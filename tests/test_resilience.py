@@ -72,6 +72,22 @@ def test_resume_refuses_changed_settings_and_no_resume_starts_afresh(tiny_base, 
     assert fresh.meta["training"]["resumed_at_step"] is None and len(fresh.losses) == 4
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes_with_its_default(tiny_base, small_data, tmp_path):
+    settings = _settings(tiny_base, small_data, tmp_path / "run", max_steps=3)
+    with pytest.raises(TrainingInterrupted):
+        train(settings, show_progress=False, on_step=_interrupt_at(2))
+    state = checkpoint.latest(settings.checkpoints) / checkpoint.STATE_FILE
+    raw = json.loads(state.read_text())
+    del raw["settings"]["unlikelihood"], raw["settings"]["lora"]["use_dora"]  # written before these settings existed
+    state.write_text(json.dumps(raw))
+    assert train(settings, show_progress=False, resume=True).meta["training"]["resumed_at_step"] == 2
+    with pytest.raises(TrainingInterrupted):
+        train(_settings(tiny_base, small_data, tmp_path / "other", max_steps=3), show_progress=False, on_step=_interrupt_at(2))
+    changed = _settings(tiny_base, small_data, tmp_path / "other", max_steps=3, unlikelihood=0.5)
+    with pytest.raises(UsageError, match=r"\(unlikelihood; e.g. unlikelihood was 0.0\)"):
+        train(changed, show_progress=False, resume=True)
+
+
 def test_ctrl_c_in_the_cli_writes_a_checkpoint_and_resume_finishes(tiny_base, small_data, tmp_path):
     out = tmp_path / "adapter"
     args = ["train", "--base-model", str(tiny_base), "--data", str(small_data), "--output-dir", str(out),

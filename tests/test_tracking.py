@@ -4,9 +4,8 @@ their own readers (TensorBoard's EventAccumulator, MLflow's client)."""
 import json
 
 import pytest
-from test_resilience import _interrupt_at, _settings
+from test_resilience import _settings
 
-from banklora.checkpoint import TrainingInterrupted
 from banklora.errors import UsageError
 from banklora.train import train
 
@@ -61,17 +60,25 @@ def test_a_run_reports_its_scalars_to_tensorboard_and_mlflow(tiny_base, small_da
 def test_a_resumed_run_continues_its_mlflow_run_and_its_tensorboard_curve(tiny_base, small_data, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'tracking.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    settings = _settings(tiny_base, small_data, tmp_path / "adapter", max_steps=4, report_to=("tensorboard", "mlflow"))
-    with pytest.raises(TrainingInterrupted):
-        train(settings, show_progress=False, on_step=_interrupt_at(3))  # the checkpoint is step 2: step 3 is trained again
+    settings = _settings(tiny_base, small_data, tmp_path / "adapter", max_steps=4, save_every=2, report_to=("tensorboard", "mlflow"))
+
+    def crash_after_3(state):
+        if state.step == 3:
+            raise RuntimeError("the machine went down")
+
+    with pytest.raises(RuntimeError):
+        train(settings, show_progress=False, on_step=crash_after_3)  # the checkpoint is step 2: step 3 is trained again
     client, runs = _mlflow_runs(uri)
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    assert [s for s, _ in _scalars(settings.checkpoints / "tensorboard", "train/loss")] == [1, 2, 3]
     result = train(settings, show_progress=False, resume=True)
     client, runs = _mlflow_runs(uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, finished
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")][-2:] == [3, 4]
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3, 3, 4]  # MLflow keeps both points of step 3 (it cannot delete one)
+    assert [m.value for m in history][-2:] == pytest.approx(result.losses[-2:], rel=1e-6)  # the later one is the resumed run's
     curve = _scalars(tmp_path / "adapter" / "tensorboard", "train/loss")
-    assert [s for s, _ in curve] == [1, 2, 3, 4]  # step 3 of the interrupted part was purged, not doubled
+    assert [s for s, _ in curve] == [1, 2, 3, 4]  # TensorBoard purged the interrupted step 3: each step once
     assert [v for _, v in curve] == pytest.approx(result.losses, rel=1e-6)
 
 

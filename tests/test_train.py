@@ -272,6 +272,12 @@ def test_repeat_candidates_are_the_answers_earlier_tokens_once_each_but_the_targ
     listed = [sorted(c[m].tolist()) for c, m in zip(candidates, mask)]
     assert listed == [[], [5], [6], [5, 6], [5, 7],  # 5 6 5 7 6: the second 5 is not its own candidate
                       [], [], [9]]  # 9 9 8: a token the reference repeats is never pushed down
+    # a short answer beside one with more candidates than it has tokens; a conversation's answers count alone
+    targets = torch.tensor([[1, 2, 3, 4, 5, ignore], [7, 8, ignore, ignore, ignore, ignore], [5, 6, ignore, ignore, 5, 7]])
+    candidates, mask = repeat_candidates(targets, targets != ignore)
+    assert candidates.shape == mask.shape == (11, 4)
+    listed = [sorted(c[m].tolist()) for c, m in zip(candidates, mask)]
+    assert listed == [[], [1], [1, 2], [1, 2, 3], [1, 2, 3, 4], [], [7], [], [5], [], [5]]
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
