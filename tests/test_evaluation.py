@@ -74,6 +74,28 @@ def _outcomes(base_ends, tuned_ends, base_loops, tuned_loops):
     return qs
 
 
+def test_the_terminal_tables_fit_80_columns_with_long_model_names():
+    import json
+
+    from rich.cells import cell_len
+    from rich.console import Console
+
+    from banklora.evaluation.compare import print_report
+
+    qs = _outcomes([0] * 9 + [1], [1] * 9 + [0], [0] * 10, [1, 1, 1] + [0] * 7)
+    long = "lora_banking_quickstart_recipe"
+    report = {"models": ["base", "tuned"], "summary": summarize(qs, ["base", "tuned"]), "comparisons": [compare_pair(qs, "base", "tuned")],
+              "questions": qs, "questions_source": ["hand"], "split": None, "generation": {"max_new_tokens": 160}, "base_model": {"name": "tiny"}}
+    report = json.loads(json.dumps(report).replace('"tuned"', f'"{long}"'))
+    console = Console(record=True, width=80)
+    print_report(report, console, show_answers=False)
+    text = console.export_text()
+    assert max(cell_len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert f"models: A = {long}" in text  # the headers say A, the legend says who A is
+    rows = [" ".join(line.split()) for line in text.splitlines()]
+    assert "ends 0.100 → 0.900" in " ".join(rows) and any(r.startswith("overall ") for r in rows)
+
+
 def test_ends_and_loops_shares_and_mcnemar_on_hand_made_rows():
     from banklora.evaluation.report import markdown
 

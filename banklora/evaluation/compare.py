@@ -367,13 +367,16 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
     narrow = terminal.is_narrow(console)
     models = report["models"]
     last = models[-1]
+    name = terminal.labels(models, narrow)
+    if terminal.legend(name):
+        console.print(terminal.legend(name), soft_wrap=False)
     title = (f"{len(report['questions'])} questions, {report['generation'].get('decoding', 'greedy')}, same prompts and token budget "
              f"({report['generation']['max_new_tokens']} tokens)" + (f"; {precision(report)}" if report.get("dtype") else ""))
     if narrow:
         table = terminal.table(title + "; overall score per answer (keywords, ROUGE-L and perplexity per question: the reports)", True)
         table.add_column("#", justify="right", no_wrap=True)
         table.add_column("question", ratio=1, overflow="fold")
-        for col in (*models, f"Δ {last}"):
+        for col in (*[name[m] for m in models], f"Δ {name[last]}"):
             terminal.number_column(table, col)
     else:
         table = terminal.table(title, False)
@@ -403,14 +406,14 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
     means = terminal.table("means per model", narrow)
     means.add_column("metric", no_wrap=True)
     for m in models:
-        terminal.number_column(means, m)
+        terminal.number_column(means, name[m])
     for key in summary_keys():
         means.add_row(key, *[fmt(report["summary"][m][key], ".3f") for m in models])
     for key in BINARY:
         means.add_row(key, *[share(report, m, key) for m in models])
     means.add_row("compliance flags", *[str(sum(report["summary"][m]["compliance_flags"].values())) for m in models])
     console.print(means)
-    console.print(_breakdown_table(report, narrow))
+    console.print(_breakdown_table(report, narrow, name))
     for c in report["comparisons"]:
         stats = terminal.table(f"{c['b']} vs {c['a']}: paired over {len(report['questions'])} questions" + (", p by Wilcoxon" if narrow else ""), narrow)
         stats.add_column("metric", no_wrap=True)
@@ -421,17 +424,17 @@ def print_report(report: dict, console, show_answers: bool = True, width: int = 
             stats.add_row(key, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
                           f"{s['wins']}/{s['ties']}/{s['losses']}", terminal.significance(s["significant"], narrow))
         console.print(stats)
-        outcomes = _outcomes_table(c, narrow)
+        outcomes = _outcomes_table(c, narrow, name)
         console.print(outcomes)
-    knowledge.print_knowledge(report, console)
+    knowledge.print_knowledge(report, console, name)
 
 
-def _outcomes_table(c: dict, narrow: bool):
+def _outcomes_table(c: dict, narrow: bool, name: dict[str, str]):
     """Answers that end and that loop, one pair of models: rates, the difference's interval,
     McNemar's p and the questions where only one of the two did it."""
     title = f"{c['b']} vs {c['a']}: answers that end (higher is better) and that loop (lower is better)"
     if narrow:
-        outcomes = terminal.table(f"{title}; rates {c['a']} → {c['b']}; only: the questions where only {c['b']} / only {c['a']} "
+        outcomes = terminal.table(f"{title}; rates {name[c['a']]} → {name[c['b']]}; only: the questions where only {name[c['b']]} / only {name[c['a']]} "
                                   "did it; p by McNemar; n.s. = not significant", True)
         outcomes.add_column("outcome", no_wrap=True)
         for col in ("rates", "95% CI of Δ", "p", "only"):
@@ -448,7 +451,7 @@ def _outcomes_table(c: dict, narrow: bool):
     return outcomes
 
 
-def _breakdown_table(report: dict, narrow: bool):
+def _breakdown_table(report: dict, narrow: bool, name: dict[str, str]):
     """Means per language and category: one row per group, "base → adapter" in each cell; when
     narrow, one row per group and model, the group named on its first row."""
     models = report["models"]
@@ -470,7 +473,7 @@ def _breakdown_table(report: dict, narrow: bool):
         for value, group in g.items():
             for k, m in enumerate(models):
                 cells = [fmt(group["means"][m][key], ".1f" if key == "ref_perplexity" else ".3f") for key in BREAKDOWN_SHOWN]
-                groups.add_row(value if k == 0 else "", str(group["n"]) if k == 0 else "", m, *cells,
+                groups.add_row(value if k == 0 else "", str(group["n"]) if k == 0 else "", name[m], *cells,
                                end_section=k == len(models) - 1)
     return groups
 

@@ -109,7 +109,8 @@ def knowledge_report(items: list[Choice], option_nll: dict[str, list[float]], mo
             "scoring": "the option with the lowest mean NLL per token as the answer to the question; McNemar's exact test per pair"}
 
 
-def print_knowledge(report: dict, console) -> None:
+def print_knowledge(report: dict, console, name: dict[str, str] | None = None) -> None:
+    """The knowledge test's tables; `name`: what compact tables call each model (terminal.labels)."""
     from banklora.evaluation import terminal
 
     k = report.get("knowledge")
@@ -117,24 +118,25 @@ def print_knowledge(report: dict, console) -> None:
         return
     narrow = terminal.is_narrow(console)
     models = report["models"]
+    name = name or terminal.labels(models, narrow)
     table = terminal.table(f"knowledge test ({', '.join(k['sources'])}): accuracy, chance {k['chance']:.2f}", narrow)
     table.add_column("part", no_wrap=True)
     terminal.number_column(table, "n")
     for m in models:
-        terminal.number_column(table, m)
-    for name, cell in k["accuracy"][models[0]].items():
-        table.add_row(name, str(cell["n"]), *[f"{k['accuracy'][m][name]['accuracy']:.3f}" for m in models])
+        terminal.number_column(table, name[m])
+    for part, cell in k["accuracy"][models[0]].items():
+        table.add_row(part, str(cell["n"]), *[f"{k['accuracy'][m][part]['accuracy']:.3f}" for m in models])
     console.print(table)
     for c in k["comparisons"]:
         stats = terminal.table(f"{c['b']} vs {c['a']} on the knowledge test"
-                               + (f"; only: the questions only {c['b']} / only {c['a']} got right; p by McNemar" if narrow else ""), narrow)
+                               + (f"; only: the questions only {name[c['b']]} / only {name[c['a']]} got right; p by McNemar" if narrow else ""), narrow)
         stats.add_column("part", no_wrap=True)
         for col in ("Δ" if narrow else "accuracy Δ", "95% CI", "p" if narrow else "p (McNemar)",
                     "only" if narrow else f"only {c['b']} right / only {c['a']} right"):
             terminal.number_column(stats, col)
         stats.add_column("significant" if narrow else "finding", no_wrap=True)
-        for name, s in c["parts"].items():
-            stats.add_row(name, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
+        for part, s in c["parts"].items():
+            stats.add_row(part, f"{s['mean_delta']:+.3f}", f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]", f"{s['p_value']:.3g}",
                           f"{s['b_only']} / {s['a_only']}", terminal.significance(s["significant"], narrow))
         console.print(stats)
 

@@ -8,6 +8,7 @@ from rich import box
 from rich.table import Table
 
 WIDE = 120  # columns from which the full tables fit
+SHORT_NAME = 10  # longer model names become A, B, ... in compact tables' headers, with a legend
 
 
 def is_narrow(console) -> bool:
@@ -28,3 +29,17 @@ def number_column(t: Table, header: str) -> None:
 
 def significance(significant: bool, narrow: bool) -> str:
     return ("yes" if significant else "no") if narrow else ("significant" if significant else "not significant")
+
+
+def labels(models: list[str], narrow: bool) -> dict[str, str]:
+    """What compact tables call each model: its name, or a letter where any name is long."""
+    if not narrow or all(len(m) <= SHORT_NAME for m in models):
+        return {m: m for m in models}
+    letters = iter("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    return {m: m if m == "base" else next(letters) for m in models}
+
+
+def legend(names: dict[str, str]) -> str | None:
+    """"A = lora_banking_quickstart, B = ..." when labels() shortened any name."""
+    shortened = [f"{label} = {m}" for m, label in names.items() if label != m]
+    return "models: " + ", ".join(shortened) if shortened else None
