@@ -109,8 +109,8 @@ class TrainSettings:
     """Gradients are clipped to this global norm."""
     neftune_alpha: float = 0.0
     """NEFTune: uniform noise of scale alpha / sqrt(tokens x hidden) on the input embeddings while training (5 in the paper); 0 = off."""
-    unlikelihood: float = 0.0
-    """Token-level unlikelihood (Welleck et al. 2019): the loss adds this weight x -log(1 - p) of every token the answer already said, where the reference says another; it trains answers not to loop. 0 = off."""
+    unlikelihood: float = 2.0
+    """Token-level unlikelihood (Welleck et al. 2019): the loss adds this weight x -log(1 - p) of every token the answer already said, where the reference says another; it trains answers not to loop (2 measured best: docs/training.md, "Training recipe"). 0 = off."""
     seed: int = 42
     """Random seed: data order, LoRA initialisation, dropout."""
     dtype: str = "auto"
