@@ -538,7 +538,7 @@ def quickstart(*, flags: dict) -> None:
     console.print(f"chat with it:      banklora chat --model-path {output_dir}", soft_wrap=True)
     console.print(f"serve it:          banklora serve --model-path {output_dir}", soft_wrap=True)
     console.print("                   (OpenAI API at http://127.0.0.1:8000/v1, web chat at /)")
-    console.print("a better adapter:  banklora train   (the recipe's 3 epochs, ~20 min on 2 cores)")
+    console.print("a better adapter:  banklora train   (the recipe's 3 epochs, ~15 min on 2 cores)")
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from rich import box
 from rich.table import Table
 
 WIDE = 120  # columns from which the full tables fit
-SHORT_NAME = 10  # longer model names become A, B, ... in compact tables' headers, with a legend
+SHORT_NAME = 12  # longer model names become A, B, ... in compact tables' headers, with a legend
 
 
 def is_narrow(console) -> bool:
