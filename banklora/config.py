@@ -215,7 +215,7 @@ COMPARE_BATCH_SIZE = 128
 
 
 # The repetition penalty chat, the server and the web chat use unless told otherwise (compare stays
-# plain greedy). Measured on the 48 validation questions, greedy, 160 tokens (docs/training.md, "Turn tokens"):
+# plain greedy). Measured on the 48 validation questions, greedy, 160 tokens (docs/training.md, Turn tokens):
 # the 1-epoch quickstart adapter's answers ended 30 -> 44 and looped 32 -> 14 with it; the 3-epoch
 # adapter's ended 39 -> 47 and looped 11 -> 2.
 CHAT_REPETITION_PENALTY = 1.15

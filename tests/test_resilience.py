@@ -84,7 +84,7 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_with_its_default(tiny_ba
     with pytest.raises(TrainingInterrupted):
         train(_settings(tiny_base, small_data, tmp_path / "other", max_steps=3), show_progress=False, on_step=_interrupt_at(2))
     changed = _settings(tiny_base, small_data, tmp_path / "other", max_steps=3, unlikelihood=0.5)
-    with pytest.raises(UsageError, match=r"\(unlikelihood; e.g. unlikelihood was 0.0\)"):
+    with pytest.raises(UsageError, match=r"\(unlikelihood; e.g. unlikelihood was 2.0\)"):  # the default then
         train(changed, show_progress=False, resume=True)
 
 
@@ -118,15 +118,15 @@ def test_ctrl_c_in_the_cli_writes_a_checkpoint_and_resume_finishes(tiny_base, sm
 def test_non_finite_steps_are_skipped_then_abort_with_no_adapter(tiny_base, small_data, tmp_path, monkeypatch):
     import banklora.loss as loss_module
 
-    # one poisoned step is skipped and the run goes on
-    real, calls = loss_module.token_losses, {"n": 0}
+    # one poisoned step is skipped and the run goes on (the final hidden states, which every training objective reads)
+    real, calls = loss_module._answer_states, {"n": 0}
 
-    def poisoned(model, batch, head_chunk=None):
-        losses, keep = real(model, batch, head_chunk)
+    def poisoned(model, batch):
+        causal_lm, rows, targets, keep = real(model, batch)
         calls["n"] += 1
-        return (losses * float("nan") if calls["n"] == 2 else losses), keep
+        return causal_lm, (rows * float("nan") if calls["n"] == 2 else rows), targets, keep
 
-    monkeypatch.setattr(loss_module, "token_losses", poisoned)
+    monkeypatch.setattr(loss_module, "_answer_states", poisoned)
     result = train(_settings(tiny_base, small_data, tmp_path / "skip", max_steps=3, save_every=0), show_progress=False)
     assert result.losses[1] is None and result.losses[0] is not None and result.losses[2] is not None
     assert result.meta["training"]["skipped_steps"] == [2]

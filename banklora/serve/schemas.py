@@ -92,7 +92,7 @@ class _Sampling(BaseModel):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, description="Lowers each token's logit by this x the times it is already in the answer; default 0 (off).")
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2, description="Lowers a token's logit by this once it is in the answer; default 0 (off).")
     repetition_penalty: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description=(
-        "vLLM's extra parameter: tokens of the prompt or the answer have their logit divided by this (multiplied when negative); 1 = off; default 1.15, which curbs a small model's loops (docs/training.md, "Turn tokens")."))
+        "vLLM's extra parameter: tokens of the prompt or the answer have their logit divided by this (multiplied when negative); 1 = off; default 1.15, which curbs a small model's loops (docs/training.md, Turn tokens)."))
     n: int = Field(1, description="Answers per request; only 1.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
