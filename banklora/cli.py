@@ -465,6 +465,31 @@ def serve(
         run(served_app, served, loaded, sock=sock, api_key=api_key)
 
 
+# --------------------------------------------------------------------------------------------- studio
+@app.command()
+def studio(
+    workspace: Annotated[Path, typer.Option(help="The studio's folder: uploaded data, trained adapters, reports, exports, jobs.")] = Path("studio"),
+    base_model: BaseModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the studio on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="BANKLORA_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every studio job and file endpoint, /v1 and /metrics.")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Chat requests decoded together.")] = 8,
+    dtype: InferenceDtypeOpt = "auto",
+) -> None:
+    """The whole job in a browser: data, training runs (a queue of processes the server owns), compare, chat, export (docs/studio.md)."""
+    from banklora.basemodel import EMBEDDED_NAME
+    from banklora.serve.launch import bind, run
+    from banklora.studio.launch import build
+
+    with bind(host, port) as sock:
+        studio_app, served, loaded = build(workspace, base_model=base_model or EMBEDDED_NAME, api_key=api_key, max_batch_size=max_batch_size,
+                                           dtype=dtype)
+        shown = sock.getsockname()
+        log.info("studio at http://%s:%d/studio (workspace %s)", f"[{shown[0]}]" if ":" in shown[0] else shown[0], shown[1],
+                 workspace.resolve())
+        run(studio_app, served, loaded, sock=sock, api_key=api_key)
+
+
 # --------------------------------------------------------------------------------------------- export
 @app.command()
 def export(

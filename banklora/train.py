@@ -360,7 +360,7 @@ def _train_step(run: _Run) -> tuple[float, float | None, int]:
 
 def _log_step(run: _Run, step_loss: float, grad_norm, lr: float, rate: float, elapsed: float, skipped: str | None) -> None:
     state = run.state
-    record = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4), "loss": state.losses[-1],
+    record = {"step": state.step, "total_steps": run.total, "epoch": round(state.step / run.steps_per_epoch, 4), "loss": state.losses[-1],
               "grad_norm": None if grad_norm is None else round(grad_norm, 6), "lr": lr, "tokens": state.tokens,
               "tokens_per_second": round(rate, 1), "elapsed_s": round(elapsed, 2)}
     if skipped:

@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, args: list[str], api_key: str | None = KEY) -> None:
+    def __init__(self, args: list[str], api_key: str | None = KEY, command: str = "serve") -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, BANKLORA_LOG_LEVEL="WARNING", COLUMNS="200")
@@ -39,19 +39,19 @@ class Server:
         if api_key:
             env["BANKLORA_API_KEY"] = api_key
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"banklora-serve-{self.port}.log", "w+")
-        self.process = subprocess.Popen([sys.executable, "-m", "banklora", "serve", "--port", str(self.port), *args],
+        self.process = subprocess.Popen([sys.executable, "-m", "banklora", command, "--port", str(self.port), *args],
                                         stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.process.poll() is not None:
                 self.log.seek(0)
-                raise RuntimeError(f"banklora serve exited with {self.process.returncode}:\n{self.log.read()}")
+                raise RuntimeError(f"banklora {command} exited with {self.process.returncode}:\n{self.log.read()}")
             try:
                 if self.get("/health")[0] == 200:
                     return
             except OSError:
                 time.sleep(0.3)
-        raise RuntimeError("banklora serve did not answer /health in 180 s")
+        raise RuntimeError(f"banklora {command} did not answer /health in 180 s")
 
     def request(self, method: str, path: str, body: bytes | None = None, key: str | None = KEY, timeout: float = 120):
         headers = {"Content-Type": "application/json"}

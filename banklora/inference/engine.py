@@ -124,6 +124,7 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, slots], 1 where a slot holds a real token
         self._stopping = False
+        self._replacement = None  # (model, peft) to answer with from the next step on
         self._thread = threading.Thread(target=self._loop, name="banklora-engine", daemon=True)
 
     # ------------------------------------------------------------------ the public side
@@ -144,6 +145,13 @@ class Engine:
             self._waiting.append(request)
             self._wake.notify()
 
+    def replace_model(self, model, *, peft: bool) -> None:
+        """Answer with `model` from the next step on: the same base with more adapters (the studio
+        loads an adapter as soon as its training ends). Rows being answered keep their adapters."""
+        with self._wake:
+            self._replacement = (model, peft)
+            self._wake.notify()
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)
@@ -157,10 +165,14 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self._waiting and not self._rows:
+                    while not self._stopping and not self._waiting and not self._rows and self._replacement is None:
                         self._wake.wait()
                     if self._stopping:
                         return
+                    if self._replacement is not None:
+                        (self.model, self.peft), self._replacement = self._replacement, None
+                        if not self._waiting and not self._rows:
+                            continue
                     admitted = self._admit()
                 self._step(admitted)
 

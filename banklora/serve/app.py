@@ -38,9 +38,10 @@ ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "
 DISCONNECT_POLL_S = 0.25  # the longest an unstreamed answer waits before checking that its client is still there
 
 
-@dataclass(frozen=True)
+@dataclass
 class Served:
-    """What the server answers for: the base's name, the adapters' names, the context length."""
+    """What the server answers for: the base's name, the adapters' names (the studio adds the
+    adapters it trains while the server runs), the context length."""
 
     base: str
     adapters: tuple[str, ...]
@@ -126,15 +127,22 @@ class _Answer:
                            code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
 
 
-def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """The FastAPI app; it starts the engine's worker when it starts and stops it when it stops."""
+def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None = None, metrics: Metrics | None = None,
+               services: tuple = ()) -> FastAPI:
+    """The FastAPI app; it starts the engine's worker when it starts and stops it when it stops,
+    and the same for each of `services` (objects with start() and shutdown(): the studio's jobs).
+    app.state.authorize is the key check, for routes added to the app later (the studio's)."""
     metrics = metrics or Metrics()
     engine.on_step = metrics.on_step
 
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
+        for service in services:
+            service.start()
         yield
+        for service in reversed(services):
+            service.shutdown()
         engine.shutdown()
 
     # docs_url / redoc_url off: FastAPI's pages load their scripts from a CDN, blank on the offline machines banks run;
@@ -161,6 +169,8 @@ def create_app(engine: Engine, tokenizer, served: Served, *, api_key: str | None
         known = model if model in (served.base, *served.adapters) else "-"
         metrics.requests.labels(endpoint, known, str(exc.status)).inc()
         return _error(exc)
+
+    app.state.authorize = authorize
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):

@@ -1,0 +1,271 @@
+"""`banklora studio` over HTTP as the page uses it: a real server process on the tiny Gemma, real
+training, compare and export runs as the processes the server owns, the key on every endpoint,
+uploads checked before they are kept, paths held inside the workspace, the queue, stop and
+resume, a restart during a run, and an adapter served the moment its run ends."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_serve import KEY, Server
+
+from banklora.studio.workspace import UPLOAD_LIMIT, OutsideWorkspace, Workspace
+
+FAST = {"batch_size": 2, "report_to": "none", "turn_end_budget": 0, "dtype": "fp32"}  # exact resumes; no check generation
+
+
+def _studio(workspace: Path, tiny_base: Path) -> Server:
+    return Server(["--workspace", str(workspace), "--base-model", str(tiny_base)], command="studio")
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, tiny_base):
+    s = _studio(tmp_path_factory.mktemp("studio"), tiny_base)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def upload(studio, small_data) -> str:
+    status, body, _ = studio.post(f"/studio/api/data?filename={small_data.name}", small_data.read_bytes())
+    assert status == 201, body
+    return json.loads(body)["name"]
+
+
+def _json(response) -> dict:
+    status, body, _ = response
+    return {"status": status, **json.loads(body)}
+
+
+def _submit(server: Server, payload: dict) -> dict:
+    out = _json(server.post("/studio/api/jobs", payload))
+    assert out["status"] == 201, out
+    return out
+
+
+def _train(server: Server, name: str, data: str, **settings) -> dict:
+    return _submit(server, {"kind": "train", "name": name, "settings": {"data": [data], **FAST, **settings}})
+
+
+def _wait(server: Server, job_id: str, until, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = _json(server.get(f"/studio/api/jobs/{job_id}"))
+        if until(job):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not get there in {timeout} s: {job}")
+
+
+def _ended(server: Server, job_id: str, timeout: float = 240) -> dict:
+    return _wait(server, job_id, lambda j: j["state"] not in ("queued", "running"), timeout)
+
+
+def _stepped(server: Server, job_id: str, step: int) -> dict:
+    return _wait(server, job_id, lambda j: (j["progress"] or {}).get("step", 0) >= step or j["state"] not in ("queued", "running"))
+
+
+def _events(server: Server, job_id: str) -> list[dict]:
+    status, body, headers = server.get(f"/studio/api/jobs/{job_id}/events")
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    return [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+
+
+# ------------------------------------------------------------------ security
+def test_every_job_data_and_file_endpoint_needs_the_key_but_the_page_does_not(studio):
+    calls = [("GET", "/studio/api/info"), ("GET", "/studio/api/data"), ("POST", "/studio/api/data?filename=a.jsonl"),
+             ("GET", "/studio/api/data/banking"), ("GET", "/studio/api/settings"), ("GET", "/studio/api/jobs"),
+             ("POST", "/studio/api/jobs"), ("GET", "/studio/api/jobs/j-0001/events"), ("POST", "/studio/api/jobs/j-0001/stop"),
+             ("GET", "/studio/api/adapters"), ("GET", "/studio/files/reports/x.html")]
+    for method, path in calls:
+        for key in (None, "wrong-key"):
+            status, body, _ = studio.request(method, path, b"{}" if method == "POST" else None, key=key)
+            assert status == 401, (method, path, key, body)
+            assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    status, page, _ = studio.get("/studio", key=None)
+    assert status == 200 and "banklora studio" in page
+    assert re.search(r"""(src|href)=["']?(https?:)?//""", page) is None  # nothing from a CDN: the page works offline
+
+
+def test_workspace_paths_stay_inside(tmp_path):
+    ws = Workspace.open(tmp_path / "ws")
+    (ws.reports / "r.html").write_text("ok")
+    assert ws.resolve("reports/r.html") == ws.reports / "r.html"
+    (tmp_path / "secret.txt").write_text("secret")
+    (ws.reports / "link").symlink_to(tmp_path / "secret.txt")
+    for bad in ("../secret.txt", "reports/../../secret.txt", "/etc/passwd", "reports//r.html", "reports/link", "C:/x", ""):
+        with pytest.raises(OutsideWorkspace):
+            ws.resolve(bad)
+
+
+def test_files_outside_the_workspace_are_never_served(studio, tmp_path):
+    root = Path(_json(studio.get("/studio/api/info"))["workspace"])
+    (tmp_path / "secret.txt").write_text("THE-BANKS-SECRET")
+    (root / "reports" / "escape.html").symlink_to(tmp_path / "secret.txt")
+    for path in ("reports/escape.html", "reports/../../secret.txt", "%2e%2e/%2e%2e/etc/passwd", "/etc/passwd", "..%2f..%2fetc%2fpasswd",
+                 "jobs/j-0001.json", "data/" + "x" * 8):
+        status, body, _ = studio.get(f"/studio/files/{path}")
+        assert status in (400, 404) and "THE-BANKS-SECRET" not in body and "root:" not in body, (path, status, body)
+        assert json.loads(body)["error"]["message"]
+    status, body, _ = studio.get("/studio/api/data/..%2F..%2Fetc%2Fpasswd")
+    assert status in (400, 404) and "root:" not in body
+    bad_name = _json(studio.post("/studio/api/jobs", {"kind": "train", "name": "../../escape", "settings": FAST}))
+    assert bad_name["status"] == 400 and bad_name["error"]["param"] == "name"
+
+
+# ------------------------------------------------------------------ data
+def _oversized_upload(server: Server, chunked: bool) -> tuple[int, str]:
+    """POST UPLOAD_LIMIT + 1 MiB, stopping when the server has answered (it closes the connection)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.putrequest("POST", "/studio/api/data?filename=big.jsonl")
+    connection.putheader("Authorization", f"Bearer {KEY}")
+    size = UPLOAD_LIMIT + 2**20
+    connection.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(size))))
+    connection.endheaders()
+    piece = b"x" * 2**16
+    try:
+        for _ in range(size // len(piece)):
+            connection.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked:
+            connection.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused before the end: the answer is waiting
+    response = connection.getresponse()
+    body = response.read().decode()
+    connection.close()
+    return response.status, body
+
+
+def test_an_upload_with_a_bad_line_names_it_and_nothing_is_kept(studio):
+    root = Path(_json(studio.get("/studio/api/info"))["workspace"])
+    before = sorted(p.name for p in (root / "data").iterdir())
+    lines = [json.dumps({"instruction": "开户需要什么？", "output": "身份证。"}, ensure_ascii=False), json.dumps({"instruction": "只有问题"})]
+    bad = _json(studio.post("/studio/api/data?filename=mine.jsonl", "\n".join(lines).encode()))
+    assert bad["status"] == 400 and bad["error"]["param"] == "file"
+    assert bad["error"]["message"].startswith("mine.jsonl:2: field 'output' is missing")  # the CLI's sentence, with the user's file name
+    assert _json(studio.post("/studio/api/data?filename=mine.exe", b"MZ"))["status"] == 400
+    for chunked in (False, True):  # a declared length over the limit is refused at once; an undeclared one once it passes it
+        status, body = _oversized_upload(studio, chunked)
+        assert status == 413 and json.loads(body)["error"]["code"] == "file_too_large"
+    assert sorted(p.name for p in (root / "data").iterdir()) == before
+
+
+def test_an_upload_is_listed_previewed_in_pages_and_counted(studio, upload, small_data):
+    sets = {s["name"]: s for s in _json(studio.get("/studio/api/data"))["sets"]}
+    assert sets[upload]["kind"] == "upload" and sets[upload]["description"] == small_data.name and sets[upload]["examples"] == 8
+    page = _json(studio.get(f"/studio/api/data/{upload}?offset=6&limit=5"))
+    assert page["total"] == 8 and [e["instruction"] for e in page["examples"]] == ["验证问题0", "验证问题1"]
+    assert page["examples"][0]["source"] == f"{small_data.name}:7"
+    stats = _json(studio.get(f"/studio/api/data/{upload}/stats"))
+    assert stats["splits"] == {"train": 6, "validation": 2} and stats["languages"] == {"zh": 8} and stats["personal_data"] == []
+    assert 0 < stats["tokens"]["p50"] <= stats["tokens"]["max"]
+    builtin = _json(studio.get("/studio/api/data/banking/stats"))
+    assert builtin["total"] == 360 and len(builtin["categories"]) == 12
+
+
+# ------------------------------------------------------------------ settings and runs
+def test_the_form_is_the_settings_and_a_bad_value_names_its_field(studio, upload):
+    fields = {f["key"]: f for f in _json(studio.get("/studio/api/settings"))["fields"]}
+    from banklora.config import flags
+
+    assert set(fields) == {f.key for f in flags()} - {"output_dir", "checkpoint_dir"}
+    assert fields["lora.r"]["default"] == 8 and fields["lora.r"]["type"] == "int" and "rank" in fields["lora.r"]["help"]
+    for settings, param, words in (({"lora.r": 0}, "lora.r", "--lora-r must be at least 1"), ({"epochs": "abc"}, "epochs", "must be a number"),
+                                   ({"dtype": "fp16"}, "dtype", "fp16 is refused"), ({"no_such": 1}, "no_such", "not a training setting"),
+                                   ({"data": ["upload-000000000000.jsonl"]}, "data", "upload it first")):
+        out = _json(studio.post("/studio/api/jobs", {"kind": "train", "name": "bad", "settings": {**FAST, **settings}}))
+        assert out["status"] == 400 and out["error"]["param"] == param and words in out["error"]["message"], out
+
+
+def test_a_second_run_waits_in_the_queue_then_is_served_without_a_restart(studio, upload):
+    first, second = _train(studio, "first", upload, epochs=2), _train(studio, "second", upload, epochs=1)
+    assert second["state"] == "queued" and second["position"] == (2 if first["state"] == "queued" else 1)
+    listed = [j["id"] for j in _json(studio.get("/studio/api/jobs"))["jobs"]]
+    assert listed.index(second["id"]) < listed.index(first["id"])  # newest first
+    first, second = _ended(studio, first["id"]), _ended(studio, second["id"])
+    assert first["state"] == second["state"] == "done" and first["result"] == {"adapter": "first"}
+    assert second["started"] >= first["ended"]  # one run at a time
+    deadline = time.time() + 120  # the engine loads the adapter in the background
+    while "second" not in {m.id for m in studio.client().models.list().data} and time.time() < deadline:
+        time.sleep(0.5)
+    client = studio.client()
+    assert {"first", "second"} <= {m.id for m in client.models.list().data}
+    answer = client.chat.completions.create(model="second", messages=[{"role": "user", "content": "问题1：如何办理业务1？"}], max_tokens=4)
+    assert answer.model == "second" and answer.usage.completion_tokens >= 1
+    adapters = {a["name"]: a for a in _json(studio.get("/studio/api/adapters"))["adapters"]}
+    assert adapters["first"]["served"] and adapters["second"]["served"]
+    taken = _json(studio.post("/studio/api/jobs", {"kind": "train", "name": "first", "settings": FAST}))
+    assert taken["status"] == 409 and taken["error"]["param"] == "name"
+
+
+def test_the_events_replay_a_finished_runs_whole_curve_and_log(studio, upload):
+    job = _ended(studio, _train(studio, "curve", upload, epochs=2)["id"])
+    events = _events(studio, job["id"])
+    steps = [e["record"] for e in events if e["type"] == "metric" and "loss" in e["record"]]
+    assert [r["step"] for r in steps] == list(range(1, 7)) and {r["total_steps"] for r in steps} == {6}
+    assert [e["record"]["step"] for e in events if e["type"] == "metric" and "validation_loss" in e["record"]] == [3, 6]
+    assert [e for e in events if e["type"] == "job"][-1]["job"]["state"] == "done"
+    assert any("adapter saved to" in e["line"] for e in events if e["type"] == "log")
+
+
+def test_stop_then_resume_gives_the_weights_of_an_uninterrupted_run(studio, upload):
+    root = Path(_json(studio.get("/studio/api/info"))["workspace"])
+    straight = _ended(studio, _train(studio, "straight", upload, epochs=4)["id"])
+    assert straight["state"] == "done"
+    job = _train(studio, "stopped", upload, epochs=4)
+    _stepped(studio, job["id"], 2)
+    assert _json(studio.post(f"/studio/api/jobs/{job['id']}/stop", {}))["status"] == 200
+    job = _ended(studio, job["id"])
+    assert job["state"] == "stopped" and job["resumable"] and job["returncode"] == 130, job
+    assert job["progress"]["step"] < 12  # it stopped before the end
+    resumed = _json(studio.post(f"/studio/api/jobs/{job['id']}/resume", {}))
+    assert resumed["status"] == 201 and resumed["name"] == "stopped" and "--resume" in resumed["args"]
+    assert _json(studio.post(f"/studio/api/jobs/{job['id']}/resume", {}))["status"] == 409  # once
+    assert _ended(studio, resumed["id"])["state"] == "done"
+    a, b = (load_file(root / "runs" / n / "adapter_model.safetensors") for n in ("straight", "stopped"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_server_restart_during_a_run_leaves_it_resumable(tmp_path, tiny_base, small_data):
+    first = _studio(tmp_path / "ws", tiny_base)
+    try:
+        name = json.loads(first.post(f"/studio/api/data?filename={small_data.name}", small_data.read_bytes())[1])["name"]
+        job = _train(first, "long", name, epochs=5)
+        _stepped(first, job["id"], 2)
+    finally:
+        first.stop()  # SIGTERM: the server stops the run as Ctrl-C would, with a checkpoint
+    second = _studio(tmp_path / "ws", tiny_base)
+    try:
+        found = _json(second.get(f"/studio/api/jobs/{job['id']}"))
+        assert found["state"] == "interrupted" and found["resumable"], found
+        resumed = _json(second.post(f"/studio/api/jobs/{job['id']}/resume", {}))
+        done = _ended(second, resumed["id"])
+        assert done["state"] == "done" and done["progress"]["step"] == done["progress"]["total_steps"] == 15
+    finally:
+        second.stop()
+
+
+def test_compare_and_export_jobs_end_in_a_report_and_a_download(studio, upload):
+    _ended(studio, _train(studio, "plain", upload, epochs=1, **{"lora.train_tokens": "none"})["id"])
+    compare = _ended(studio, _submit(studio, {"kind": "compare", "adapters": ["plain"], "questions": "banking-eval", "limit": 1,
+                                              "knowledge": False})["id"])
+    assert compare["state"] == "done", compare
+    status, html, _ = studio.get(compare["result"]["report"])
+    assert status == 200 and "<html" in html and "plain" in html
+    export = _ended(studio, _submit(studio, {"kind": "export", "adapter": "plain", "format": "gguf-lora"})["id"])
+    assert export["state"] == "done" and export["result"]["download"].endswith(".gguf"), export
+    request = urllib.request.Request(studio.url + export["result"]["download"], headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert r.read(4) == b"GGUF" and "attachment" in r.headers["content-disposition"]
+    _ended(studio, _train(studio, "rows", upload, epochs=1)["id"])  # Gemma's turn-token rows trained, as by default
+    refused = _ended(studio, _submit(studio, {"kind": "export", "adapter": "rows", "format": "gguf-lora"})["id"])
+    assert refused["state"] == "failed" and "--format gguf" in refused["error"]  # turn-token rows: the merged export is the way
+    bad = _json(studio.post("/studio/api/jobs", {"kind": "export", "adapter": "nope", "format": "gguf-lora"}))
+    assert bad["status"] == 400 and bad["error"]["param"] == "adapter"
