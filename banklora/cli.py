@@ -483,7 +483,7 @@ def studio(
 
     with bind(host, port) as sock:
         studio_app, served, loaded = build(workspace, base_model=base_model or EMBEDDED_NAME, api_key=api_key, max_batch_size=max_batch_size,
-                                           dtype=dtype)
+                                           dtype=dtype, host=host)
         shown = sock.getsockname()
         log.info("studio at http://%s:%d/studio (workspace %s)", f"[{shown[0]}]" if ":" in shown[0] else shown[0], shown[1],
                  workspace.resolve())

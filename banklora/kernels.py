@@ -113,6 +113,8 @@ def with_token_rows(layer, x: torch.Tensor, base: torch.Tensor, ids: torch.Tenso
 def _token_rows_forward(self, x: torch.Tensor, active_adapters, *args, **kwargs) -> torch.Tensor:
     """PEFT's TrainableTokensLayer.forward_adapters through with_token_rows (one adapter, not merged)."""
     names = [a for a in active_adapters if a in self.trainable_tokens_delta]
+    if not names and not (self.disable_adapters or self.merged or args or kwargs):
+        return self.base_layer(x)  # an adapter without token rows, beside others with them (PEFT looks its rows up and fails)
     if self.disable_adapters or self.merged or len(names) != 1 or args or kwargs:
         return type(self).forward_adapters(self, x, active_adapters, *args, **kwargs)
     rows = self.trainable_tokens_delta[names[0]]

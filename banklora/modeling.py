@@ -213,9 +213,12 @@ def load(
     if adapters:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0], is_trainable=False)
-        for name, path in zip(names[1:], adapters[1:]):
-            model.load_adapter(path, adapter_name=name, is_trainable=False)
+        # PEFT cannot load an adapter without trained token rows after one with them (a KeyError on the token
+        # wrapper's delta; the other order works): those load first. The first one named stays active.
+        order = sorted(range(len(adapters)), key=lambda i: bool(adapter_config(adapters[i]).get("trainable_token_indices")))
+        model = PeftModel.from_pretrained(model, adapters[order[0]], adapter_name=names[order[0]], is_trainable=False)
+        for i in order[1:]:
+            model.load_adapter(adapters[i], adapter_name=names[i], is_trainable=False)
         model.set_adapter(names[0])
     model.eval()
     if not training:

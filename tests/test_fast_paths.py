@@ -144,6 +144,30 @@ def test_stacked_adapters_give_peft_mixed_batch_logits(tiny_adapter, tokenizer, 
     assert (b1[1, -1, 106] - b1[2, -1, 106]).abs() > 1e-2  # <end_of_turn>'s logit comes from each row's own adapter
 
 
+def test_adapters_with_and_without_turn_token_rows_serve_together_in_either_order(tiny_adapter, tiny_lora_only_adapter, tokenizer):
+    """PEFT fails to load an adapter without trained token rows after one with them; the loader
+    orders them, and each row still gets its own adapter's logits, as when loaded alone."""
+    ids = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")]).repeat(2, 1)  # holds the turn tokens
+    alone = {}
+    for path in (tiny_adapter, tiny_lora_only_adapter):
+        loaded = load(str(path), dtype="fp32")
+        with torch.no_grad():
+            alone[loaded.adapter_names[0]] = loaded.model(input_ids=ids[:1]).logits[0]
+    assert (alone["tiny"] - alone["tiny-lora-only"]).abs().max() > 1e-2
+    for first, second in ((tiny_adapter, tiny_lora_only_adapter), (tiny_lora_only_adapter, tiny_adapter)):
+        for stacked in (True, False):  # the server's mixed batches; chat's and compare's one adapter at a time
+            both = load(str(first), more_adapters=(str(second),), serve=ServingSettings(stacked=stacked), dtype="fp32")
+            names = both.adapter_names
+            assert both.model.active_adapter == names[0]
+            with torch.no_grad():
+                if stacked:
+                    rows = both.model(input_ids=ids, adapter_names=names).logits
+                else:
+                    rows = [both.model.set_adapter(name) or both.model(input_ids=ids[:1]).logits[0] for name in names]
+            for row, name in zip(rows, names):
+                assert torch.allclose(row, alone[name], atol=1e-4, rtol=1e-4), (name, stacked)
+
+
 def test_stacked_adapters_are_for_serving_only(tiny_adapter, tiny_base):
     with pytest.raises(UsageError, match="stacked"):
         load(str(tiny_adapter), serve=ServingSettings(merge=True, stacked=True))

@@ -6,10 +6,14 @@ resume, a restart during a run, and an adapter served the moment its run ends.""
 from __future__ import annotations
 
 import http.client
+import io
+import os
 import json
 import re
 import time
+import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -120,6 +124,44 @@ def test_files_outside_the_workspace_are_never_served(studio, tmp_path):
     assert bad_name["status"] == 400 and bad_name["error"]["param"] == "name"
 
 
+def test_requests_from_other_web_sites_are_refused(studio):
+    """A page elsewhere can POST to 127.0.0.1 without a preflight, and a DNS name it points here
+    reads as same-origin to the browser: both are refused, even before the key is checked."""
+    def call(method, path, headers, body=None):
+        request = urllib.request.Request(studio.url + path, data=body, method=method,
+                                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain", **headers})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    job = b'{"kind": "train", "name": "from-elsewhere", "settings": {}}'
+    for headers in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        status, body = call("POST", "/studio/api/jobs", headers, job)
+        assert status == 403 and body["error"]["code"] == "cross_site_request", body
+    status, body = call("GET", "/studio/api/jobs", {"Host": f"rebound.example:{studio.port}"})
+    assert status == 403 and body["error"]["code"] == "host_not_allowed"
+    assert call("GET", "/studio/api/jobs", {"Host": f"localhost:{studio.port}"})[0] == 200
+    assert call("POST", "/studio/api/jobs", {"Origin": studio.url, "Sec-Fetch-Site": "same-origin"}, b"{}")[0] == 400  # its own page
+    assert "from-elsewhere" not in {j["name"] for j in _json(studio.get("/studio/api/jobs"))["jobs"]}
+
+
+def test_malformed_job_requests_are_400s_never_500s(studio, upload):
+    for payload in ({"kind": "train", "name": 5}, {"kind": "train", "name": "abc\n"}, {"kind": "train", "name": "ok", "settings": "x"},
+                    {"kind": "train", "name": "ok", "settings": {"data": [{"a": 1}]}}, {"kind": "train", "name": "ok", "settings": {"data": 5}},
+                    {"kind": "train", "name": "ok", "settings": {"lora.target_modules": [{"a": 1}]}},
+                    {"kind": "train", "name": "ok", "settings": {"epochs": [1]}}, {"kind": "compare", "adapters": [{"a": 1}]},
+                    {"kind": "compare", "adapters": "x"}, {"kind": "export", "adapter": ["a"]}, {"kind": "nope"}, [1, 2]):
+        out = _json(studio.post("/studio/api/jobs", payload))
+        assert out["status"] == 400 and out["error"]["type"] == "invalid_request_error", (payload, out)
+    assert _json(studio.post("/studio/api/jobs", b"[" * 50_000))["status"] == 400  # nested past the parser's recursion
+    assert _json(studio.post("/studio/api/jobs", b" " * 100_000))["status"] == 413
+    assert _json(studio.post("/studio/api/jobs/j-9999/stop", {}))["status"] == 404
+    assert _json(studio.get("/studio/files/reports/a%00b"))["status"] == 400
+    assert _json(studio.get("/studio/files/reports/" + "x" * 300))["status"] in (400, 404)
+
+
 # ------------------------------------------------------------------ data
 def _oversized_upload(server: Server, chunked: bool) -> tuple[int, str]:
     """POST UPLOAD_LIMIT + 1 MiB, stopping when the server has answered (it closes the connection)."""
@@ -175,7 +217,7 @@ def test_the_form_is_the_settings_and_a_bad_value_names_its_field(studio, upload
     fields = {f["key"]: f for f in _json(studio.get("/studio/api/settings"))["fields"]}
     from banklora.config import flags
 
-    assert set(fields) == {f.key for f in flags()} - {"output_dir", "checkpoint_dir"}
+    assert set(fields) == {f.key for f in flags()} - {"output_dir", "checkpoint_dir", "base_model"}  # the studio names runs, serves one base
     assert fields["lora.r"]["default"] == 8 and fields["lora.r"]["type"] == "int" and "rank" in fields["lora.r"]["help"]
     for settings, param, words in (({"lora.r": 0}, "lora.r", "--lora-r must be at least 1"), ({"epochs": "abc"}, "epochs", "must be a number"),
                                    ({"dtype": "fp16"}, "dtype", "fp16 is refused"), ({"no_such": 1}, "no_such", "not a training setting"),
@@ -222,6 +264,8 @@ def test_stop_then_resume_gives_the_weights_of_an_uninterrupted_run(studio, uplo
     job = _train(studio, "stopped", upload, epochs=4)
     _stepped(studio, job["id"], 2)
     assert _json(studio.post(f"/studio/api/jobs/{job['id']}/stop", {}))["status"] == 200
+    again = _json(studio.post(f"/studio/api/jobs/{job['id']}/stop", {}))  # a second Ctrl-C would skip the checkpoint
+    assert again["status"] in (409, 200) and (again["status"] == 409 or again["state"] != "running"), again
     job = _ended(studio, job["id"])
     assert job["state"] == "stopped" and job["resumable"] and job["returncode"] == 130, job
     assert job["progress"]["step"] < 12  # it stopped before the end
@@ -269,3 +313,92 @@ def test_compare_and_export_jobs_end_in_a_report_and_a_download(studio, upload):
     assert refused["state"] == "failed" and "--format gguf" in refused["error"]  # turn-token rows: the merged export is the way
     bad = _json(studio.post("/studio/api/jobs", {"kind": "export", "adapter": "nope", "format": "gguf-lora"}))
     assert bad["status"] == 400 and bad["error"]["param"] == "adapter"
+    merged = _ended(studio, _submit(studio, {"kind": "export", "adapter": "plain", "format": "hf"})["id"])
+    assert merged["state"] == "done" and merged["result"]["download"].endswith("plain-hf.zip"), merged
+    request = urllib.request.Request(studio.url + merged["result"]["download"], headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=120) as r, zipfile.ZipFile(io.BytesIO(r.read())) as archive:
+        assert {"plain-hf/config.json", "plain-hf/model.safetensors"} <= set(archive.namelist())
+
+
+# ------------------------------------------------------------------ the page in a browser
+def test_the_whole_job_in_chromium_upload_train_reopen_chat_export(studio, tmp_path):
+    import shutil
+
+    from test_serve import CHROMIUM_FLAGS
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    artifacts = Path(os.environ.get("BANKLORA_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    records = [{"instruction": f"网点{i}几点开门？", "output": f"网点{i}工作日9点开门，以网点公告为准。", "split": "train"} for i in range(6)]
+    records += [{"instruction": "周末营业吗？", "output": "部分网点周末营业，请先查询。", "split": "validation"}] * 2
+    good, bad = tmp_path / "faq.jsonl", tmp_path / "faq-draft.jsonl"
+    good.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    bad.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[:2]) + '{"instruction": "没有答案"}\n', encoding="utf-8")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page = context.new_page()
+        page.goto(studio.url + "/studio#data")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        # 1) a file with a bad line: the CLI's sentence, with its line and field
+        page.set_input_files("#upload-file", str(bad))
+        page.click("#upload")
+        page.wait_for_function("document.getElementById('upload-error').textContent.includes('faq-draft.jsonl:3')")
+        assert "field 'output' is missing" in page.inner_text("#upload-error")
+        page.set_input_files("#upload-file", str(good))
+        page.click("#upload")
+        page.wait_for_function("document.getElementById('upload-ok').textContent.length > 0")
+        name = next(s["name"] for s in _json(studio.get("/studio/api/data"))["sets"] if s["description"] == "faq.jsonl")
+        page.wait_for_function("document.getElementById('stats-pii').textContent.length > 0")
+        page.screenshot(path=str(artifacts / "studio-data.png"), full_page=True)
+        # 2) a 3-step run from the form; the chart gains points while it runs
+        page.click("#tab-train")
+        page.fill("#run-name", "browser-run")
+        for field, value in (("data", name), ("epochs", "1"), ("batch_size", "2"), ("lora-train_tokens", "none"), ("report_to", "none"),
+                             ("turn_end_budget", "0")):
+            page.fill(f"#f-{field}", value)
+        page.click("#start-train")
+        page.wait_for_function("+document.getElementById('loss-chart').dataset.points >= 1", timeout=180_000)
+        job = next(j for j in _json(studio.get("/studio/api/jobs"))["jobs"] if j["name"] == "browser-run")
+        # 3) the page closes; the run goes on, and a page opened later shows its whole curve
+        page.close()
+        assert _ended(studio, job["id"])["state"] == "done"
+        page = context.new_page()
+        page.goto(studio.url + "/studio#train")
+        page.wait_for_function("document.getElementById('loss-chart').dataset.points === '3'", timeout=60_000)
+        assert "browser-run" in page.inner_text("#chart-job") and "3 / 3" in page.inner_text("#train-status").replace("步数 (step) ", "")
+        page.screenshot(path=str(artifacts / "studio-train.png"), full_page=True)
+        # 4) the new adapter in the chat, without a restart
+        deadline = time.time() + 120
+        while "browser-run" not in {m.id for m in studio.client().models.list().data} and time.time() < deadline:
+            time.sleep(0.5)
+        assert "browser-run" in {m.id for m in studio.client().models.list().data}
+        page.click("#tab-chat")
+        page.click("#reload-chat")
+        chat = page.frame_locator("#chat-frame")
+        chat.locator("#model option[value='browser-run']").wait_for(state="attached", timeout=60_000)
+        chat.locator("#model").select_option("browser-run")
+        chat.locator("#max_tokens").fill("8")
+        chat.locator("#question").fill("网点1几点开门？")
+        chat.locator("#question").press("Enter")
+        chat.locator("#pane1 .meta").wait_for(timeout=60_000)
+        assert chat.locator("#pane1 .msg.assistant").last.inner_text().strip()
+        page.screenshot(path=str(artifacts / "studio-chat.png"), full_page=True)
+        # 5) a LoRA GGUF export, downloaded from the page
+        page.click("#tab-export")
+        page.select_option("#export-adapter", "browser-run")
+        page.select_option("#export-format", "gguf-lora")
+        page.click("#start-export")
+        page.wait_for_selector("#export-download:not(.hidden)", timeout=180_000)
+        with page.expect_download() as download:
+            page.click("#export-download")
+        assert download.value.suggested_filename.endswith(".gguf")
+        assert Path(download.value.path()).read_bytes()[:4] == b"GGUF"
+        page.screenshot(path=str(artifacts / "studio-export.png"), full_page=True)
+        browser.close()

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # PEFT adapter names are module keys: no dots
 API_KEY_ENV = "BANKLORA_API_KEY"
+GRACEFUL_S = 5  # seconds open connections get to finish when the server stops
 
 
 def parse_model_paths(specs: list[str]) -> list[tuple[str, Path]]:
@@ -44,12 +45,7 @@ def parse_model_paths(specs: list[str]) -> list[tuple[str, Path]]:
 def build(model_paths: list[str], *, base_model: str | None = None, api_key: str | None = None, max_batch_size: int = 8,
           max_queue: int = 64, int8: bool = False, fp16: bool = False, device: str | None = None, dtype: str = "auto"):
     """Load the base and adapters (verified) and return the app and what it serves."""
-    if max_batch_size < 1:
-        raise UsageError(f"--max-batch-size must be at least 1 (got {max_batch_size})")
-    if max_queue < 0:
-        raise UsageError(f"--max-queue must be 0 or more (got {max_queue})")
-    if api_key is not None and not api_key:
-        raise UsageError(f"--api-key (or {API_KEY_ENV}) is empty; give a key, or leave both out to serve without one")
+    check_server_flags(api_key, max_batch_size, max_queue)
     adapters = parse_model_paths(model_paths)
     check_servable(adapters)
     if fp16 and adapters:
@@ -65,6 +61,16 @@ def build(model_paths: list[str], *, base_model: str | None = None, api_key: str
         raise UsageError(f"--model-path: an adapter is named {served.base!r} like the base; name it with --model-path NAME=DIR")
     engine = Engine(loaded.model, loaded.tokenizer, peft=bool(adapters), max_batch_size=max_batch_size, max_queue=max_queue)
     return create_app(engine, loaded.tokenizer, served, api_key=api_key), served, loaded
+
+
+def check_server_flags(api_key: str | None, max_batch_size: int, max_queue: int) -> None:
+    """The flags serve and studio share, checked before anything loads."""
+    if max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be at least 1 (got {max_batch_size})")
+    if max_queue < 0:
+        raise UsageError(f"--max-queue must be 0 or more (got {max_queue})")
+    if api_key is not None and not api_key:
+        raise UsageError(f"--api-key (or {API_KEY_ENV}) is empty; give a key, or leave both out to serve without one")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -111,4 +117,6 @@ def run(app, served: Served, loaded, *, sock: socket.socket, api_key: str | None
     log.info("serving %s%s on %s, %s weights", served.base, "".join(f", {a}" for a in served.adapters), loaded.device,
              str(loaded.dtype).removeprefix("torch."))
     log.info("OpenAI API at http://%s:%d/v1, web chat at http://%s:%d/", shown, port, shown, port)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    # timeout_graceful_shutdown: open streams (a studio page's events, a chat answer) must not hold a stop back; the
+    # app's shutdown (the engine, the studio's running job) follows
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_S)).run(sockets=[sock])

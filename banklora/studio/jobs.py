@@ -18,12 +18,12 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -55,6 +55,7 @@ class Job:
     pid: int | None = None
     error: str | None = None
     resumed_by: str | None = None
+    stop_requested: bool = False  # a stop was sent: a second SIGINT would end the run without its checkpoint
 
     @classmethod
     def read(cls, path: Path) -> "Job":
@@ -72,6 +73,7 @@ class Jobs:
         self.jobs: dict[str, Job] = {}
         self._process: subprocess.Popen | None = None
         self._watched_pid: int | None = None  # a run a previous server started, still going
+        self._finishing = False  # an ended export being zipped, outside the lock
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="banklora-studio-jobs", daemon=True)
         for path in sorted(workspace.jobs.glob("j-*.json")):
@@ -92,9 +94,10 @@ class Jobs:
         self._thread.join(timeout=5)
         with self.lock:
             running = self._running()
-            if running is None or self._process is None:
+            if running is None or self._process is None:  # a run the previous server started goes on, and is found again
                 return
-            self._process.send_signal(signal.SIGINT)
+            if not running.stop_requested:
+                self._process.send_signal(signal.SIGINT)
         try:
             self._process.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -131,19 +134,30 @@ class Jobs:
         """An unfinished job that writes `output`."""
         return next((j for j in self.jobs.values() if j.output == output and j.state not in FINAL), None)
 
-    def stop(self, job: Job) -> None:
+    def stop(self, job: Job) -> bool:
+        """Cancel a queued job, or send a running one Ctrl-C (once: a second would skip its
+        checkpoint). False when a stop was sent already."""
         with self.lock:
+            if job.stop_requested:
+                return False
             if job.state == "queued":
                 job.state, job.ended = "cancelled", time.time()
-                self._save(job)
-            elif job.state == "running" and self._process is not None and self._running() is job:
+            elif self._process is not None and self._running() is job:
                 self._process.send_signal(signal.SIGINT)
-            elif job.state == "running" and job.pid is not None:
-                os.kill(job.pid, signal.SIGINT)  # a run the previous server started
+            elif job.pid is not None:
+                try:
+                    os.kill(job.pid, signal.SIGINT)  # a run the previous server started
+                except ProcessLookupError:
+                    pass  # it has just ended; the worker records how
+            job.stop_requested = True
+            self._save(job)
+            return True
 
     def resumable(self, job: Job) -> bool:
-        return (job.kind == "train" and job.state in ("stopped", "interrupted") and job.resumed_by is None
-                and checkpoint.latest(self.checkpoints(job)) is not None)
+        """A training run that ended without its adapter, has a checkpoint, and is its run's latest job."""
+        latest = max((j.id for j in self.jobs.values() if j.output == job.output), default=job.id)
+        return (job.kind == "train" and job.state in ("stopped", "interrupted", "failed", "cancelled") and job.id == latest
+                and not is_adapter_dir(self.workspace.root / job.output) and checkpoint.latest(self.checkpoints(job)) is not None)
 
     def resume(self, job: Job) -> Job:
         with self.lock:
@@ -166,8 +180,7 @@ class Jobs:
             return []
         for path in (self.checkpoints(job) / progress.METRICS_FILE, self.workspace.root / job.output / progress.METRICS_FILE):
             if path.is_file():
-                lines = path.read_text(encoding="utf-8").splitlines()
-                return [json.loads(line) for line in lines if line.strip().endswith("}")]  # a line being written is skipped
+                return [r for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if (r := _record(line))]
         return []
 
     # ------------------------------------------------------------------ the worker
@@ -183,11 +196,13 @@ class Jobs:
     def _tick(self) -> None:
         running = self._running()
         if running is not None:
+            if self._finishing:
+                return
             if self._process is not None:
                 code = self._process.poll()
                 if code is not None:
                     self._finish(running, code)
-            elif not _alive(self._watched_pid):
+            elif not (_alive(self._watched_pid) and _is_banklora(self._watched_pid)):  # its pid may go to another program
                 self._finish(running, None)
             return
         queued = sorted((j for j in self.jobs.values() if j.state == "queued"), key=lambda j: j.id)
@@ -209,24 +224,42 @@ class Jobs:
         log.info("studio: %s %s started (%s)", job.kind, job.name, job.id)
 
     def _finish(self, job: Job, code: int | None, interrupted: bool = False) -> None:
-        """Record how a job ended: by its exit code, or (code None: the process was not ours) by what it left."""
+        """Record how a job ended: by its exit code, or (None: the process was not ours; < 0: killed)
+        by what it left: an adapter, a report or an export is done, a checkpoint is resumable."""
         self._process, self._watched_pid = None, None
         job.ended, job.returncode, job.pid = time.time(), code, None
-        adapter = self.workspace.root / job.output
-        if code == 0 or (code is None and job.kind == "train" and is_adapter_dir(adapter)):
+        output = self.workspace.root / job.output
+        left = is_adapter_dir(output) if job.kind == "train" else output.exists()
+        unknown = code is None or code < 0
+        if code == 0 or (unknown and left):
             job.state = "done"
-        elif code == 130 or (code is None and job.kind == "train" and checkpoint.latest(self.checkpoints(job)) is not None):
-            job.state = "interrupted" if interrupted or code is None else "stopped"
+        elif code == 130 or (unknown and job.kind == "train" and checkpoint.latest(self.checkpoints(job)) is not None):
+            job.state = "interrupted" if interrupted or unknown else "stopped"
         else:
             job.state = "failed"
             job.error = self._error_line(job) or (f"exit code {code}" if code is not None else "the run ended while the server was down")
-        if job.state == "done" and job.kind == "export" and adapter.is_dir() and not any(adapter.glob("*.gguf")):
-            _zip(adapter)  # a merged HF checkpoint downloads as one file
+        if job.state == "done" and job.kind == "export" and output.is_dir() and not any(output.glob("*.gguf")):
+            job.state, self._finishing = "running", True  # a merged HF checkpoint downloads as one zip, made outside the lock
+            threading.Thread(target=self._zip_then_done, args=(job, output), name="banklora-studio-zip", daemon=True).start()
+            return
+        self._ended(job)
+
+    def _zip_then_done(self, job: Job, directory: Path) -> None:
+        try:
+            _zip(directory)
+            state, error = "done", None
+        except OSError as exc:
+            state, error = "failed", f"the export is in {directory}, but its zip could not be written: {exc}"
+        with self.lock:
+            job.state, job.error, job.ended, self._finishing = state, error, time.time(), False
+            self._ended(job)
+
+    def _ended(self, job: Job) -> None:
         self._save(job)
         log.info("studio: %s %s %s", job.kind, job.name, job.state)
         if job.state == "done" and job.kind == "train" and self.on_adapter is not None:
             try:
-                self.on_adapter(job.name, adapter)
+                self.on_adapter(job.name, self.workspace.root / job.output)
             except Exception:
                 log.exception("studio: could not load the new adapter %s", job.name)
 
@@ -256,9 +289,27 @@ class Jobs:
 
 
 def _zip(directory: Path) -> Path:
-    """directory.zip beside it, written under a temporary name and renamed (never half a zip)."""
-    tmp = Path(shutil.make_archive(str(directory.with_name(f".{directory.name}.part")), "zip", root_dir=directory))
-    return tmp.rename(directory.with_name(f"{directory.name}.zip"))
+    """directory.zip beside it, its files under the directory's name, stored uncompressed (weights
+    do not compress); written under a temporary name and renamed, never half a zip."""
+    target = directory.with_name(f"{directory.name}.zip")
+    tmp = directory.with_name(f".{directory.name}.zip.part")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+            for path in sorted(directory.rglob("*")):
+                if path.is_file():
+                    archive.write(path, Path(directory.name) / path.relative_to(directory))
+        return tmp.rename(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl record; None for a line being written or damaged."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _alive(pid: int | None) -> bool:

@@ -4,6 +4,8 @@ the server runs is loaded beside them at once (hot-loaded into the engine)."""
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import threading
 import time
@@ -11,8 +13,10 @@ from pathlib import Path
 
 from banklora.inference.engine import Engine
 from banklora.inference.fast_paths import ServingSettings
-from banklora.modeling import adapter_config, load
+from banklora.errors import BankloraError
+from banklora.modeling import adapter_config, check_adapter, load, read_meta, resolve_base
 from banklora.serve.app import Served, create_app
+from banklora.serve.launch import check_server_flags
 from banklora.studio.jobs import Jobs
 from banklora.studio.routes import add_studio
 from banklora.studio.workspace import Workspace
@@ -42,16 +46,30 @@ class Adapters:
                 return
             paths = self.paths | {name: path}
             started = time.perf_counter()
-            loaded = _load(self.base_model, paths, self.dtype)
+            try:
+                loaded = _load(self.base_model, paths, self.dtype)
+            except Exception as exc:  # the run's adapter stays in the workspace; the chat goes on with the others
+                log.error("studio: the adapter %s could not be loaded beside the others (%s); chat with it: banklora chat --model-path %s",
+                          name, exc, path)
+                return
             self.engine.replace_model(loaded.model, peft=True)
             self.paths = paths
             self.served.adapters = tuple(paths)
             log.info("studio: adapter %s loaded beside the base (%.1f s); it is in /v1/models and the chat", name, time.perf_counter() - started)
 
 
-def servable(name: str, path: Path) -> bool:
-    """DoRA adapters cannot be answered beside others (PEFT applies DoRA to a whole batch)."""
-    if adapter_config(path).get("use_dora"):
+def servable(name: str, path: Path, base=None) -> bool:
+    """An adapter the engine can answer with: of this base (checked when `base` is given: a damaged
+    or foreign adapter in the workspace must not keep the studio from starting), and not DoRA
+    (PEFT applies DoRA to a whole batch)."""
+    try:
+        if base is not None:
+            check_adapter(path, read_meta(path), base)
+        dora = adapter_config(path).get("use_dora")
+    except BankloraError as exc:
+        log.warning("studio: %s is not served: %s", name, exc)
+        return False
+    if dora:
         log.warning("studio: %s is a DoRA adapter and is not served beside the base; chat with it: banklora chat --model-path %s", name, path)
         return False
     return True
@@ -66,17 +84,35 @@ def _load(base_model: str, paths: dict[str, Path], dtype: str, verify: bool = Fa
 
 
 def build(workspace_dir: str | Path, *, base_model: str, api_key: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
-          dtype: str = "auto"):
-    """The app, what it serves and the loaded model, for launch.run."""
+          dtype: str = "auto", host: str = "127.0.0.1"):
+    """The app, what it serves and what was loaded (its model left out: the engine owns the model,
+    and replaces it as adapters arrive), for serve.launch.run."""
+    check_server_flags(api_key, max_batch_size, max_queue)
     workspace = Workspace.open(Path(workspace_dir))
-    paths = {name: path for name, path in workspace.adapters() if servable(name, path)}
-    loaded = _load(base_model, paths, dtype, verify=True)
+    base = resolve_base(base_model, verify=True)
+    paths = {name: path for name, path in workspace.adapters() if servable(name, path, base)}
+    loaded = _load(base_model, paths, dtype)
     served = Served(base=loaded.base.name, adapters=tuple(paths), created=int(time.time()),
                     context=int(loaded.model.config.max_position_embeddings))
     engine = Engine(loaded.model, loaded.tokenizer, peft=bool(paths), max_batch_size=max_batch_size, max_queue=max_queue)
     adapters = Adapters(engine, served, base_model, dtype, paths)
     jobs = Jobs(workspace, on_adapter=adapters.add)
     app = create_app(engine, loaded.tokenizer, served, api_key=api_key, services=(jobs,))
-    add_studio(app, workspace, jobs, base_model, app.state.authorize, keyed=api_key is not None)
+    hosts = allowed_hosts(host)
+    add_studio(app, workspace, jobs, base_model, app.state.authorize, keyed=api_key is not None, hosts=hosts)
     app.state.jobs = jobs
-    return app, served, loaded
+    return app, served, dataclasses.replace(loaded, model=None)
+
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def allowed_hosts(host: str) -> frozenset[str] | None:
+    """The Host names the studio answers to when it listens on `host`: this machine's names on a
+    loopback address (a DNS name pointed here by another site is refused), the name itself when
+    it listens on a name, any on another address (the key guards it there)."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return LOOPBACK_NAMES if host == "localhost" else frozenset({host})
+    return LOOPBACK_NAMES if address.is_loopback else None

@@ -10,12 +10,15 @@ import datetime
 import json
 import re
 import time
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request as HttpRequest
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 
+from banklora import checkpoint
 from banklora.config import TrainSettings, flags as setting_flags, load_train_settings
 from banklora.errors import UsageError
 from banklora.serve.schemas import ApiError
@@ -25,14 +28,33 @@ from banklora.studio.workspace import UPLOAD_LIMIT, OutsideWorkspace, Workspace
 EXPORT_FORMATS = ("hf", "gguf", "gguf-lora")
 QUESTION_SETS = ("banking-eval", "banking")
 EVENTS_POLL_S = 0.5
+MAX_JOB_BODY = 64 * 1024  # bytes: a job request is a few settings
 QUICKSTART = {"data": ["banking"], "epochs": 1.0, "lr": 1e-3}  # as `banklora quickstart` (cli.QUICKSTART)
 
 
-def add_studio(app: FastAPI, workspace: Workspace, jobs: Jobs, base_model: str, authorize, *, keyed: bool) -> None:
-    """Mount the studio on the serve app (`authorize` is the app's key check; keyed: the server has a key)."""
-    api = APIRouter(prefix="/studio", dependencies=[Depends(authorize)])
+def add_studio(app: FastAPI, workspace: Workspace, jobs: Jobs, base_model: str, authorize, *, keyed: bool,
+               hosts: frozenset[str] | None = None) -> None:
+    """Mount the studio on the serve app (`authorize` is the app's key check; keyed: the server has
+    a key; hosts: the Host names it answers to, None for any)."""
 
-    @app.get("/studio", response_class=HTMLResponse, include_in_schema=False)
+    def same_site(request: HttpRequest) -> None:
+        """Requests from other web pages are refused: a page elsewhere could otherwise start or
+        stop runs on this machine (a cross-site POST needs no preflight), or, through a DNS name
+        that points here (rebinding), read the workspace."""
+        host = request.headers.get("host", "")
+        if hosts is not None and urlsplit(f"//{host}").hostname not in hosts:
+            raise ApiError(403, f"the studio answers to {', '.join(sorted(hosts))} only (the request's Host is {host!r}); "
+                                "open it at http://127.0.0.1:PORT/studio", type="permission_error", code="host_not_allowed")
+        if request.method in ("GET", "HEAD"):
+            return
+        origin, site = request.headers.get("origin"), request.headers.get("sec-fetch-site")
+        if (origin and urlsplit(origin).netloc != host) or site not in (None, "same-origin", "none"):
+            raise ApiError(403, "a request from another web site was refused; use the studio's own page", type="permission_error",
+                           code="cross_site_request")
+
+    api = APIRouter(prefix="/studio", dependencies=[Depends(same_site), Depends(authorize)])
+
+    @app.get("/studio", response_class=HTMLResponse, include_in_schema=False, dependencies=[Depends(same_site)])
     async def page():
         return resources.files("banklora.studio").joinpath("static/studio.html").read_text(encoding="utf-8")
 
@@ -45,7 +67,7 @@ def add_studio(app: FastAPI, workspace: Workspace, jobs: Jobs, base_model: str, 
     async def data_sets() -> dict:
         from banklora.data.dataset import BUILTIN
 
-        sets = [{"name": n, "kind": "builtin", "examples": None, "description": _BUILTIN_TEXT.get(n, "")} for n in BUILTIN]
+        sets = [{"name": n, "kind": "builtin", "examples": _builtin_count(n), "description": _BUILTIN_TEXT.get(n, "")} for n in BUILTIN]
         sets += [{"name": u["name"], "kind": "upload", "examples": u["examples"], "description": u["filename"]} for u in workspace.uploads()]
         return {"sets": sets}
 
@@ -101,10 +123,13 @@ def add_studio(app: FastAPI, workspace: Workspace, jobs: Jobs, base_model: str, 
 
     @api.post("/api/jobs", status_code=201)
     async def submit(request: HttpRequest) -> dict:
+        raw = await request.body()
+        if len(raw) > MAX_JOB_BODY:
+            raise ApiError(413, f"a job request is at most {MAX_JOB_BODY:,} bytes", code="request_too_large")
         try:
-            body = json.loads(await request.body() or b"null")
-        except ValueError as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+            body = json.loads(raw or b"null")
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {type(exc).__name__}") from exc
         if not isinstance(body, dict) or body.get("kind") not in ("train", "compare", "export"):
             raise ApiError(400, 'give {"kind": "train" | "compare" | "export", ...}', param="kind")
         make = {"train": _train_job, "compare": _compare_job, "export": _export_job}[body["kind"]]
@@ -123,7 +148,8 @@ def add_studio(app: FastAPI, workspace: Workspace, jobs: Jobs, base_model: str, 
             job = _find(jobs, job_id)
             if job.state in FINAL:
                 raise ApiError(409, f"job {job_id} has ended ({job.state}); nothing to stop", code="job_ended")
-            jobs.stop(job)
+            if not jobs.stop(job):
+                raise ApiError(409, f"job {job_id} is stopping already: it finishes its step and writes a checkpoint", code="stopping")
             return _job(jobs, job)
 
     @api.post("/api/jobs/{job_id}/resume", status_code=201)
@@ -145,9 +171,10 @@ def add_studio(app: FastAPI, workspace: Workspace, jobs: Jobs, base_model: str, 
     async def download(path: str):
         try:
             found = workspace.resolve(path)
-        except OutsideWorkspace as exc:
-            raise ApiError(400, str(exc), param="path") from exc
-        if not found.is_file() or not found.is_relative_to(workspace.reports) and not found.is_relative_to(workspace.exports):
+            exists = found.is_file()
+        except (OutsideWorkspace, OSError) as exc:
+            raise ApiError(400, str(exc) if isinstance(exc, OutsideWorkspace) else f"{path!r}: not a file name here", param="path") from exc
+        if not exists or not found.is_relative_to(workspace.reports) and not found.is_relative_to(workspace.exports):
             raise ApiError(404, f"{path}: no such report or export in the studio's workspace", param="path", code="not_found")
         return FileResponse(found, filename=found.name)
 
@@ -156,7 +183,14 @@ def add_studio(app: FastAPI, workspace: Workspace, jobs: Jobs, base_model: str, 
 
 _BUILTIN_TEXT = {"banking": "内置银行问答 (360 条, 12 类, 中英文)", "banking-seed": "种子数据 (16 条)",
                  "banking-eval": "种子对比题 (8 题)", "banking-paraphrase": "训练题的换一种问法 (72 条)"}
-_NOT_IN_FORM = ("output_dir", "checkpoint_dir")  # the studio names runs: runs/<name>
+_NOT_IN_FORM = ("output_dir", "checkpoint_dir", "base_model")  # the studio names runs (runs/<name>) and serves one base
+
+
+@lru_cache(maxsize=None)
+def _builtin_count(name: str) -> int:
+    from banklora.data.dataset import load_examples
+
+    return len(load_examples([name]))
 
 
 def _iso(seconds: float | None) -> str | None:
@@ -199,8 +233,10 @@ def _result(jobs: Jobs, job: Job) -> dict | None:
         html = (root / job.output).with_suffix(".html")
         return {"report": f"/studio/files/{html.relative_to(root)}", "json": f"/studio/files/{job.output}"}
     target = root / job.output  # gguf: the .gguf file in it; hf: the directory, zipped beside it when the export ended
-    files = sorted(p for p in target.parent.rglob("*") if p.is_file() and p.suffix in (".gguf", ".zip"))
-    return {"download": f"/studio/files/{files[0].relative_to(root)}"} if files else None
+    links = {p: f"/studio/files/{p.relative_to(root)}" for p in sorted(target.parent.rglob("*")) if p.is_file()}
+    main = [link for p, link in links.items() if p.suffix in (".gguf", ".zip")]
+    rest = [link for p, link in links.items() if p.parent == target and p.suffix not in (".gguf", ".safetensors")]  # Modelfile, model card
+    return {"download": main[0], "files": rest} if main else None
 
 
 async def _events(request: HttpRequest, jobs: Jobs, job: Job):
@@ -282,6 +318,8 @@ def train_settings(form: dict, base_model: str, output_dir: Path) -> TrainSettin
     """A form's settings ({key: value}, keys as the settings' flags name them: "epochs", "lora.r")
     through the CLI's own validation. A bad value is an ApiError whose param is its key."""
     by_key = {f.key: f for f in setting_flags()}
+    if not isinstance(form, dict):
+        raise ApiError(400, 'settings: an object of training settings, e.g. {"epochs": 1, "lora.r": 16}', param="settings")
     overrides: dict = {"lora": {}, "base_model": base_model}
     for key, value in form.items():
         f = by_key.get(key)
@@ -297,6 +335,8 @@ def train_settings(form: dict, base_model: str, output_dir: Path) -> TrainSettin
     overrides["output_dir"] = str(output_dir)
     try:
         return load_train_settings(None, overrides)
+    except (TypeError, ValueError) as exc:  # a value of the right type the settings still cannot take
+        raise ApiError(400, f"settings: {exc}", param="settings") from exc
     except UsageError as exc:
         flag = next(iter(_FLAG_IN_MESSAGE.findall(str(exc))), None)
         param = next((f.key for f in setting_flags() if f.flag == flag), None)
@@ -319,10 +359,14 @@ def _typed(f, value):
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
-        if want is list:
-            return tuple(value) if isinstance(value, list) else tuple(s.strip() for s in str(value).split(",") if s.strip())
-        return ",".join(value) if isinstance(value, list) else str(value)
-    except (TypeError, ValueError):
+        if isinstance(value, list):  # a list for a list setting, or for a comma-separated one
+            if want not in (list, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value) if want is list else ",".join(value)
+        if not isinstance(value, str):
+            raise TypeError
+        return tuple(s.strip() for s in value.split(",") if s.strip()) if want is list else value
+    except (TypeError, ValueError, OverflowError):
         raise ApiError(400, f"{f.key} ({f.flag}) must be {_TYPE_WORDS[want]} (got {value!r})", param=f.key) from None
 
 
@@ -332,18 +376,23 @@ _TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", 
 def _train_job(workspace: Workspace, jobs: Jobs, body: dict, base_model: str) -> Job:
     name = body.get("name") or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        run = workspace.run_dir(name)
+        run = workspace.run_dir(name)  # a name of the allowed characters, or a UsageError
     except UsageError as exc:
         raise ApiError(400, str(exc), param="name") from exc
     output = str(run.relative_to(workspace.root))
     if name == base_model or name == Path(base_model).name:
         raise ApiError(400, f"run name {name!r} is the base model's name; the chat would not tell them apart", param="name")
-    if run.exists() or jobs.busy_with(output) is not None or (workspace.root / f"{output}-checkpoints").exists():
+    if run.exists() or jobs.busy_with(output) is not None or checkpoint.latest(workspace.root / f"{output}-checkpoints") is not None:
         raise ApiError(409, f"a run named {name!r} exists already; choose another name (or resume it from its job)", param="name",
                        code="run_exists")
-    form = dict(body.get("settings") or {})
+    form = body.get("settings") or {}
+    if not isinstance(form, dict):
+        raise ApiError(400, 'settings: an object of training settings, e.g. {"epochs": 1, "lora.r": 16}', param="settings")
+    form = dict(form)
     if "data" in form:
         data = form["data"] if isinstance(form["data"], list) else [form["data"]]
+        if not data or not all(isinstance(d, str) for d in data):
+            raise ApiError(400, "data: the names of one or more data sets (GET /studio/api/data lists them)", param="data")
         form["data"] = [_data_spec(workspace, d) for d in data]
     settings = train_settings(form, base_model, run)
     import yaml
@@ -359,17 +408,17 @@ def _train_job(workspace: Workspace, jobs: Jobs, body: dict, base_model: str) ->
 def _compare_job(workspace: Workspace, jobs: Jobs, body: dict, base_model: str) -> Job:
     names = body.get("adapters") or []
     known = dict(workspace.adapters())
-    if not isinstance(names, list) or not names or any(n not in known for n in names):
+    if not isinstance(names, list) or not names or any(not isinstance(n, str) or n not in known for n in names):
         raise ApiError(400, f"adapters: name one or more trained adapters of this studio ({', '.join(known) or 'none yet'})", param="adapters")
     questions = body.get("questions") or "banking-eval"
-    if questions not in QUESTION_SETS:
+    if not isinstance(questions, str) or questions not in QUESTION_SETS:
         raise ApiError(400, f"questions: one of {', '.join(QUESTION_SETS)} (got {questions!r})", param="questions")
     args = ["compare", "--peft-model-path", *[str(known[n]) for n in names], "--questions", questions, "--no-answers"]
     if body.get("knowledge") is False:  # the multiple-choice knowledge test: 120 more questions, on by default as in the CLI
         args += ["--knowledge", "none"]
     split = body.get("split")
     if split:
-        if split not in ("validation", "test"):
+        if not isinstance(split, str) or split not in ("validation", "test"):
             raise ApiError(400, f"split: validation or test (got {split!r})", param="split")
         args += ["--split", split]
     limit = body.get("limit")
@@ -384,9 +433,9 @@ def _compare_job(workspace: Workspace, jobs: Jobs, body: dict, base_model: str) 
 def _export_job(workspace: Workspace, jobs: Jobs, body: dict, base_model: str) -> Job:
     known = dict(workspace.adapters())
     name, fmt = body.get("adapter"), body.get("format") or "gguf-lora"
-    if name not in known:
+    if not isinstance(name, str) or name not in known:
         raise ApiError(400, f"adapter: name a trained adapter of this studio ({', '.join(known) or 'none yet'})", param="adapter")
-    if fmt not in EXPORT_FORMATS:
+    if not isinstance(fmt, str) or fmt not in EXPORT_FORMATS:
         raise ApiError(400, f"format: one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})", param="format")
     target = workspace.exports / jobs.next_id() / f"{name}-{fmt}"
     return jobs.submit("export", f"{name} -> {fmt}", ["export", "--model-path", str(known[name]), "--format", fmt, "--output", str(target)],

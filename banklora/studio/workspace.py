@@ -13,6 +13,7 @@ and symlinks that lead out of the workspace.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import secrets
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banklora.errors import UsageError
+from banklora.io import atomic_write_json
 
 UPLOAD_LIMIT = 20 * 1024 * 1024  # bytes: the built-in set is ~0.3 MB; 20 MB is tens of thousands of examples
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # also a served model's name: PEFT adapter names allow no dots
-UPLOAD_NAME = re.compile(r"^upload-[0-9a-f]{12}\.(jsonl|json|csv|tsv)$")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # also a served model's name: PEFT adapter names allow no dots
+UPLOAD_NAME = re.compile(r"upload-[0-9a-f]{12}\.(jsonl|json|csv|tsv)")  # fullmatch: no trailing newline
 
 
 class OutsideWorkspace(UsageError):
@@ -55,9 +57,12 @@ class Workspace:
         if not relative or relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative):
             raise OutsideWorkspace(f"{relative!r}: give a path inside the studio's workspace, not an absolute one")
         parts = re.split(r"[/\\]", relative)
-        if any(p in ("..", "") for p in parts):
-            raise OutsideWorkspace(f"{relative!r}: '..' and empty parts are not allowed in a workspace path")
-        path = (self.root / relative).resolve()
+        if any(p in ("..", "") for p in parts) or "\0" in relative:
+            raise OutsideWorkspace(f"{relative!r}: '..', empty parts and NUL are not allowed in a workspace path")
+        try:
+            path = (self.root / relative).resolve()
+        except (OSError, ValueError) as exc:  # a part too long for the file system, a link loop
+            raise OutsideWorkspace(f"{relative!r}: not a path in the workspace ({exc})") from exc
         if not path.is_relative_to(self.root):
             raise OutsideWorkspace(f"{relative!r} leads outside the studio's workspace")
         return path
@@ -76,19 +81,20 @@ class Workspace:
             raise UsageError(f"{shown}: {len(body):,} bytes is over the upload limit of {UPLOAD_LIMIT:,}")
         name = f"upload-{secrets.token_hex(6)}{suffix}"
         tmp = self.data / f".part-{name}"  # the suffix stays: it says how to read the file
-        tmp.write_bytes(body)
         try:
-            examples = load_file(tmp, shown=shown)  # the CLI's own reader: the same errors, with the user's file name
-        except BaseException:
+            tmp.write_bytes(body)
+            try:
+                examples = load_file(tmp, shown=shown)  # the CLI's own reader: the same errors, with the user's file name
+            except (ValueError, RecursionError, csv.Error) as exc:  # what the reader does not put in a sentence itself
+                raise UsageError(f"{shown}: could not be read as {suffix[1:].upper()} ({type(exc).__name__}: {exc})") from exc
+            atomic_write_json(self.data / f"{name}.meta.json", {"filename": shown, "examples": len(examples), "uploaded": time.time()})
+            tmp.rename(self.data / name)
+        finally:
             tmp.unlink(missing_ok=True)
-            raise
-        (self.data / f"{name}.meta.json").write_text(json.dumps({"filename": shown, "examples": len(examples), "uploaded": time.time()},
-                                                                ensure_ascii=False), encoding="utf-8")
-        tmp.rename(self.data / name)
         return name, self.data / name
 
     def upload_path(self, name: str) -> Path:
-        if not UPLOAD_NAME.match(name) or not (self.data / name).is_file():
+        if not isinstance(name, str) or not UPLOAD_NAME.fullmatch(name) or not (self.data / name).is_file():
             raise UsageError(f"{name!r} is not a data set of this workspace; upload it first")
         return self.data / name
 
@@ -96,13 +102,17 @@ class Workspace:
         out = []
         for meta in sorted(self.data.glob("upload-*.meta.json"), key=lambda p: p.stat().st_mtime):
             name = meta.name.removesuffix(".meta.json")
-            if (self.data / name).is_file():
+            if not (self.data / name).is_file():
+                continue
+            try:
                 out.append({"name": name, **json.loads(meta.read_text(encoding="utf-8"))})
+            except ValueError:  # a record damaged outside the studio: the file stays usable under its stored name
+                out.append({"name": name, "filename": name, "examples": None})
         return out
 
     # ---------------------------------------------------------------- runs
     def run_dir(self, name: str) -> Path:
-        if not RUN_NAME.match(name or ""):
+        if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
             raise UsageError(f"run name {name!r}: use 1-64 letters, digits, '-' or '_', starting with a letter or digit")
         return self.runs / name
 
@@ -110,5 +120,5 @@ class Workspace:
         """Adapters trained in the workspace (complete ones: written atomically, so present = complete), oldest first."""
         from banklora.modeling import is_adapter_dir
 
-        found = [p for p in self.runs.iterdir() if p.is_dir() and RUN_NAME.match(p.name) and is_adapter_dir(p)]
+        found = [p for p in self.runs.iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name) and is_adapter_dir(p)]
         return [(p.name, p) for p in sorted(found, key=lambda p: p.stat().st_mtime)]
