@@ -360,6 +360,10 @@ def test_the_whole_job_in_chromium_upload_train_reopen_chat_export(studio, tmp_p
         # 2) a 3-step run from the form; the chart gains points while it runs
         page.click("#tab-train")
         page.fill("#run-name", "browser-run")
+        page.fill("#f-lora-r", "0")  # refused by the CLI's own check, shown next to its field
+        page.click("#start-train")
+        page.wait_for_function("document.getElementById('err-lora-r').textContent.includes('--lora-r must be at least 1')")
+        page.fill("#f-lora-r", "8")
         for field, value in (("data", name), ("epochs", "1"), ("batch_size", "2"), ("lora-train_tokens", "none"), ("report_to", "none"),
                              ("turn_end_budget", "0")):
             page.fill(f"#f-{field}", value)

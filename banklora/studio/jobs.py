@@ -213,7 +213,7 @@ class Jobs:
         return next((j for j in self.jobs.values() if j.state == "running"), None)
 
     def _launch(self, job: Job) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120", BANKLORA_LOG_LEVEL="INFO")  # the page shows the run's progress lines
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="80", BANKLORA_LOG_LEVEL="INFO")  # the page's log box: compare's compact tables
         with self.log_path(job).open("ab") as out:
             # a session of its own: Ctrl-C in the server's terminal reaches the server, which stops the run itself
             self._process = subprocess.Popen([sys.executable, "-m", "banklora", *job.args], cwd=self.workspace.root,
