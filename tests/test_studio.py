@@ -368,7 +368,8 @@ def test_the_whole_job_in_chromium_upload_train_reopen_chat_export(studio, tmp_p
                              ("turn_end_budget", "0")):
             page.fill(f"#f-{field}", value)
         page.click("#start-train")
-        page.wait_for_function("+document.getElementById('loss-chart').dataset.points >= 1", timeout=180_000)
+        page.wait_for_function("document.getElementById('chart-job').textContent.includes('browser-run')"  # its chart, not an earlier run's
+                               " && +document.getElementById('loss-chart').dataset.points >= 1", timeout=180_000)
         job = next(j for j in _json(studio.get("/studio/api/jobs"))["jobs"] if j["name"] == "browser-run")
         # 3) the page closes; the run goes on, and a page opened later shows its whole curve
         page.close()
