@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from banklora.config import CHAT_REPETITION_PENALTY, COMPARE_BATCH_SIZE, flags as setting_flags
+from banklora.config import CHAT_REPETITION_PENALTY, COMPARE_BATCH_SIZE, QUICKSTART, flags as setting_flags
 from banklora.errors import BankloraError, UsageError
 
 console = Console()
@@ -52,7 +52,6 @@ app.add_typer(data_app, name="data")
 
 DEFAULT_ADAPTER = "outputs/lora_banking"
 MAX_NEW_TOKENS = 32_768  # Gemma 3 270M's context, the most any answer can hold (serve checks the loaded model's own)
-QUICKSTART = {"data": ("banking",), "epochs": 1.0, "lr": 1e-3}  # one pass (60 steps) of train's recipe, which runs 3: a quickstart within 10 minutes
 BaseModelOpt = Annotated[Optional[str], typer.Option("--base-model", help="Base model: gemma-3-270m (embedded, default), a local HF checkpoint directory, or a hub id.")]
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Only this split: train, validation or test.")]
 _DATA_HELP = next(f.help for f in setting_flags() if f.key == "data")

@@ -207,7 +207,7 @@ def test_config_recipes_load_and_open_with_their_command(name):
     settings = load_train_settings(path, {"epochs": 1.0, "lora": {"r": 4}})  # flags override the file
     assert settings.epochs == 1.0 and settings.lora.r == 4
     if name == "cpu_quick":  # the quickstart's recipe: train's defaults for one epoch of their three
-        from banklora.cli import QUICKSTART
+        from banklora.config import QUICKSTART
 
         assert TrainSettings().epochs == 3.0
         assert load_train_settings(path, {}).to_dict() == TrainSettings(epochs=1.0).to_dict() == TrainSettings(**QUICKSTART).to_dict()

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request as HttpRequest
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 
 from banklora import checkpoint
-from banklora.config import TrainSettings, flags as setting_flags, load_train_settings
+from banklora.config import QUICKSTART, TrainSettings, flags as setting_flags, load_train_settings
 from banklora.errors import UsageError
 from banklora.serve.schemas import ApiError
 from banklora.studio.jobs import FINAL, Job, Jobs
@@ -29,7 +29,6 @@ EXPORT_FORMATS = ("hf", "gguf", "gguf-lora")
 QUESTION_SETS = ("banking-eval", "banking")
 EVENTS_POLL_S = 0.5
 MAX_JOB_BODY = 64 * 1024  # bytes: a job request is a few settings
-QUICKSTART = {"data": ["banking"], "epochs": 1.0, "lr": 1e-3}  # as `banklora quickstart` (cli.QUICKSTART)
 
 
 def add_studio(app: FastAPI, workspace: Workspace, jobs: Jobs, base_model: str, authorize, *, keyed: bool,
@@ -318,8 +317,6 @@ def train_settings(form: dict, base_model: str, output_dir: Path) -> TrainSettin
     """A form's settings ({key: value}, keys as the settings' flags name them: "epochs", "lora.r")
     through the CLI's own validation. A bad value is an ApiError whose param is its key."""
     by_key = {f.key: f for f in setting_flags()}
-    if not isinstance(form, dict):
-        raise ApiError(400, 'settings: an object of training settings, e.g. {"epochs": 1, "lora.r": 16}', param="settings")
     overrides: dict = {"lora": {}, "base_model": base_model}
     for key, value in form.items():
         f = by_key.get(key)
