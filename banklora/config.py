@@ -111,6 +111,8 @@ class TrainSettings:
     """NEFTune: uniform noise of scale alpha / sqrt(tokens x hidden) on the input embeddings while training (5 in the paper); 0 = off."""
     unlikelihood: float = 2.0
     """Token-level unlikelihood (Welleck et al. 2019): the loss adds this weight x -log(1 - p) of every token the answer already said, where the reference says another; it trains answers not to loop (2 measured best: docs/training.md, "Training recipe"). 0 = off."""
+    unlikelihood_context: int = 0
+    """0 = unlikelihood on every token the answer already said; N = only on the tokens that followed the same N tokens earlier in the answer (what a loop copies next), so words an answer uses again elsewhere are not pushed down."""
     seed: int = 42
     """Random seed: data order, LoRA initialisation, dropout."""
     dtype: str = "auto"
@@ -174,6 +176,8 @@ class TrainSettings:
         self.report_to = check_reporters(tuple(self.report_to.split(",")) if isinstance(self.report_to, str) else tuple(self.report_to))
         if self.unlikelihood < 0:
             raise UsageError(f"--unlikelihood must be 0 (off) or positive, e.g. 0.5 (got {self.unlikelihood})")
+        if self.unlikelihood_context < 0:
+            raise UsageError(f"--unlikelihood-context must be 0 (every token said before) or a number of tokens, e.g. 2 (got {self.unlikelihood_context})")
         if self.max_length < 16:
             raise UsageError(f"--max-length must be at least 16 tokens (got {self.max_length})")
         if self.max_steps is not None and self.max_steps < 1:

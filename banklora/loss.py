@@ -30,7 +30,7 @@ def _loss_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[tor
     return loss, probs.div_(total)
 
 
-def repeat_candidates(targets: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def repeat_candidates(targets: torch.Tensor, keep: torch.Tensor, context: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """For each answer token, the tokens its answer already said: the candidates of token-level
     unlikelihood training (Welleck et al. 2019, "Neural text generation with unlikelihood training").
 
@@ -40,6 +40,10 @@ def repeat_candidates(targets: torch.Tensor, keep: torch.Tensor) -> tuple[torch.
     does is right). Only the answer's own tokens count, not the prompt's (an answer repeats its
     question's words legitimately), and in a conversation each answer (a run of kept positions)
     counts alone.
+
+    With `context` c > 0, only the tokens that followed the same c tokens earlier in the answer:
+    where the answer is at "...x y" and said "x y z" before, z is the candidate (what a loop would
+    copy next), and words the answer merely uses again elsewhere are not pushed down.
     """
     rows = []
     for target, kept in zip(targets, keep):
@@ -49,8 +53,16 @@ def repeat_candidates(targets: torch.Tensor, keep: torch.Tensor) -> tuple[torch.
         n = answer.numel()
         same = answer[:, None] == answer[None, :]  # (n, n)
         earlier = torch.ones(n, n, dtype=torch.bool, device=answer.device).tril(-1) & (segment[:, None] == segment[None, :])  # j < i, same answer
-        first = ~(same & earlier).any(dim=1)  # the first time each token appears in its answer
-        rows.append((earlier & first[None, :] & ~same, answer))
+        candidate = earlier & ~same
+        if context:
+            index = torch.arange(n, device=answer.device)
+            offset = index - torch.cummax(torch.where(starts[kept], index, 0), dim=0).values  # position within its answer
+            for k in range(1, context + 1):  # token i-k equals token j-k, both inside the answer
+                shifted = torch.nn.functional.pad(same, (k, 0, k, 0))[:n, :n]
+                candidate &= shifted & (offset >= k)[:, None] & (offset >= k)[None, :]
+        said_before = (same & earlier).T  # [j', j]: j' < j says the same token as j, in the same answer
+        repeated = (candidate.to(torch.float32) @ said_before.to(torch.float32)) > 0  # an earlier candidate of row i is the same token
+        rows.append((candidate & ~repeated, answer))
     width = max([int(m.sum(dim=1).max()) for m, _ in rows if m.numel()] + [1])
     candidates, masks = [], []
     for mask, answer in rows:
@@ -157,13 +169,15 @@ def token_losses(model, batch: dict[str, torch.Tensor], head_chunk: int | None =
     return head_losses(causal_lm, rows, targets[keep], head_chunk), keep
 
 
-def unlikelihood_losses(model, batch: dict[str, torch.Tensor], alpha: float, head_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def unlikelihood_losses(model, batch: dict[str, torch.Tensor], alpha: float, head_chunk: int | None = None,
+                        context: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Training with token-level unlikelihood: at each answer token, (N,) objectives, cross-entropy
-    + alpha x -sum log(1 - p(c)) over the tokens c the answer already said (repeat_candidates),
+    + alpha x -sum log(1 - p(c)) over the tokens c the answer already said (repeat_candidates;
+    with `context`, only those that followed the same tokens before),
     and the (N,) cross-entropies alone (no gradient: what the log reports). Lowering the
     probability of saying again what was said is what stops greedy answers looping."""
     causal_lm, rows, targets, keep = _answer_states(model, batch)
-    candidates, mask = repeat_candidates(targets, keep)
+    candidates, mask = repeat_candidates(targets, keep, context)
     return head_losses(causal_lm, rows, targets[keep], head_chunk, unlikely=(alpha, candidates, mask))
 
 
@@ -249,16 +263,18 @@ class AnswerLoss(torch.nn.Module):
     whole computation (their gradient hooks need the forward to run through the wrapper).
     unlikelihood > 0 adds token-level unlikelihood on the answer's repeats (unlikelihood_losses)."""
 
-    def __init__(self, peft_model, head_chunk: int | None = None, unlikelihood: float = 0.0):
+    def __init__(self, peft_model, head_chunk: int | None = None, unlikelihood: float = 0.0, unlikelihood_context: int = 0):
         super().__init__()
         self.peft_model, self.head_chunk, self.unlikelihood = peft_model, head_chunk, unlikelihood
+        self.unlikelihood_context = unlikelihood_context
 
     def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum of the answer tokens' objectives, number of answer tokens, sum of their cross-entropies):
         the caller normalises globally; the objective is the cross-entropy unless unlikelihood is on."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if self.unlikelihood and torch.is_grad_enabled():  # validation reads the cross-entropy alone
-            objective, cross_entropy = unlikelihood_losses(self.peft_model, batch, self.unlikelihood, self.head_chunk)
+            objective, cross_entropy = unlikelihood_losses(self.peft_model, batch, self.unlikelihood, self.head_chunk,
+                                                            self.unlikelihood_context)
         else:
             objective, _ = token_losses(self.peft_model, batch, self.head_chunk)
             cross_entropy = objective.detach()

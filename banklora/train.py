@@ -229,7 +229,7 @@ def _setup_optimizer(run: _Run) -> None:
         log.warning("%s run: resumable checkpoints are off (they cover single-process and DDP runs)", engine)
         run.settings = s = dataclasses.replace(s, save_every=0)
     head_chunk = loss.LOW_MEMORY_HEAD_CHUNK if s.low_memory else None
-    run.module, run.optimizer = acc.prepare(loss.AnswerLoss(run.peft_model, head_chunk, s.unlikelihood), optimizer)
+    run.module, run.optimizer = acc.prepare(loss.AnswerLoss(run.peft_model, head_chunk, s.unlikelihood, s.unlikelihood_context), optimizer)
     run.steps_per_epoch = math.ceil(len(run.encoded) / (s.batch_size * acc.num_processes))
     run.total = s.max_steps or math.ceil(s.epochs * run.steps_per_epoch)
     run.warmup = s.warmup_for(run.total)

@@ -280,6 +280,32 @@ def test_repeat_candidates_are_the_answers_earlier_tokens_once_each_but_the_targ
     assert listed == [[], [1], [1, 2], [1, 2, 3], [1, 2, 3, 4], [], [7], [], [5], [], [5]]
 
 
+@pytest.mark.parametrize("context", [1, 2])
+def test_repeat_candidates_with_context_are_what_followed_the_same_tokens_before(context):
+    from banklora.loss import repeat_candidates
+
+    ignore = -100
+    # 1 2 3 1 2 4 1 2 3: after "1 2" the answer said 3, then 4; a second answer of the conversation counts alone
+    targets = torch.tensor([[ignore, 1, 2, 3, 1, 2, 4, 1, 2, 3], [ignore, 5, 6, ignore, ignore, 5, 6, 7, ignore, ignore]])
+    candidates, mask = repeat_candidates(targets, targets != ignore, context)
+    listed = [sorted(c[m].tolist()) for c, m in zip(candidates, mask)]
+    assert listed == [[], [], [], [], [], [3], [], [], [4],  # the second "1 2" may not go on with 3, the third not with 4 (3 is right there)
+                      [], [], [], [], []]  # 5 6 / 5 6 7: nothing before the second answer counts
+    # without context every earlier token of the answer is a candidate: the same rows list many more
+    wide, wide_mask = repeat_candidates(targets, targets != ignore)
+    assert int(wide_mask.sum()) == 23 and int(mask.sum()) == 2
+
+
+def test_repeat_candidates_context_ignores_reuse_in_another_context():
+    from banklora.loss import repeat_candidates
+
+    # "7 1 9 8 1 2": 1 said again after another token is not pushed down at context 1 (token level
+    # would push down 7, 9 and 8 there); after the second "1" only the 9 that followed the first is
+    targets = torch.tensor([[-100, 7, 1, 9, 8, 1, 2]])
+    candidates, mask = repeat_candidates(targets, targets != -100, 1)
+    assert int(mask.sum()) == 1 and candidates[mask].tolist() == [9]  # after "1" the answer said 9 before, here 2
+
+
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_unlikelihood_in_chunks_gives_the_full_computations_loss_and_gradients(tiny_base, tokenizer, monkeypatch, softcap):
     import banklora.loss as loss_module
