@@ -352,19 +352,29 @@ def test_unlikelihood_in_chunks_gives_the_full_computations_loss_and_gradients(t
         assert (our_grads[name] - full_grads[name]).abs().max() <= 1e-4 * scale, name
 
 
-def test_training_with_unlikelihood_logs_the_plain_loss_and_moves_the_weights(tiny_base, small_data, tmp_path):
+@pytest.mark.parametrize("context", [0, 1])
+def test_training_with_unlikelihood_logs_the_plain_loss_and_moves_the_weights(tiny_base, tmp_path, context):
+    data = tmp_path / "lists.jsonl"  # answers that say "请到" twice, going on differently: context 1 has candidates
+    data.write_text("".join(json.dumps({"instruction": f"问题{i}：在哪里办理？", "output": f"请到网点办理，或请到手机银行办理业务{i}。"},
+                                       ensure_ascii=False) + "\n" for i in range(6)))
+
     def run(weight, name):
-        settings = TrainSettings(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(tmp_path / name), max_steps=2,
-                                 batch_size=2, lr=1e-3, unlikelihood=weight)
+        settings = TrainSettings(base_model=str(tiny_base), data=(str(data),), output_dir=str(tmp_path / name), max_steps=2,
+                                 batch_size=2, lr=1e-3, unlikelihood=weight, unlikelihood_context=context, dtype="fp32")
         return train(settings, show_progress=False)
 
     plain, unlikely = run(0.0, "plain"), run(1.0, "unlikely")
     assert plain.losses[0] == pytest.approx(unlikely.losses[0], abs=1e-5)  # step 1 reports cross-entropy, before any update
-    assert plain.losses[1] != pytest.approx(unlikely.losses[1], abs=1e-5)  # the first update differed
+    from safetensors.torch import load_file
+
+    moved = load_file(tmp_path / "plain" / "adapter_model.safetensors"), load_file(tmp_path / "unlikely" / "adapter_model.safetensors")
+    assert any(not torch.equal(a, moved[1][name]) for name, a in moved[0].items())  # the updates differed (in fp32: a random tiny model rates each candidate ~1/V, a term bf16 products round away)
     meta = json.loads((tmp_path / "unlikely" / "banklora_meta.json").read_text())
-    assert meta["training"]["unlikelihood"] == 1.0
+    assert meta["training"]["unlikelihood"] == 1.0 and meta["training"]["unlikelihood_context"] == context
     with pytest.raises(UsageError, match="--unlikelihood"):
         TrainSettings(unlikelihood=-0.5)
+    with pytest.raises(UsageError, match="--unlikelihood-context"):
+        TrainSettings(unlikelihood_context=-1)
 
 
 def test_neftune_noise_is_bounded_on_while_training_and_off_in_eval(tiny_base):
