@@ -109,10 +109,10 @@ class TrainSettings:
     """Gradients are clipped to this global norm."""
     neftune_alpha: float = 0.0
     """NEFTune: uniform noise of scale alpha / sqrt(tokens x hidden) on the input embeddings while training (5 in the paper); 0 = off."""
-    unlikelihood: float = 20.0
-    """Unlikelihood training (Welleck et al. 2019): the loss adds this weight x -log(1 - p) of the tokens a loop would say next (unlikelihood_context), where the reference says another; it trains answers not to loop. 0 = off. 20 at context 1 measured best (docs/training.md, "Training recipe")."""
-    unlikelihood_context: int = 1
-    """The tokens unlikelihood pushes down: N = those that followed the same N tokens earlier in the answer (what a loop copies next); 0 = every token the answer already said (token-level, which also pushes down words an answer rightly uses again)."""
+    unlikelihood: float = 2.0
+    """Token-level unlikelihood (Welleck et al. 2019): the loss adds this weight x -log(1 - p) of every token the answer already said, where the reference says another; it trains answers not to loop (2 measured best: docs/training.md, "Training recipe"). 0 = off."""
+    unlikelihood_context: int = 0
+    """0 = unlikelihood on every token the answer already said; N = only on the tokens that followed the same N tokens earlier in the answer (what a loop copies next), so words an answer uses again elsewhere are not pushed down."""
     seed: int = 42
     """Random seed: data order, LoRA initialisation, dropout."""
     dtype: str = "auto"

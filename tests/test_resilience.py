@@ -84,7 +84,7 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_with_its_default(tiny_ba
     with pytest.raises(TrainingInterrupted):
         train(_settings(tiny_base, small_data, tmp_path / "other", max_steps=3), show_progress=False, on_step=_interrupt_at(2))
     changed = _settings(tiny_base, small_data, tmp_path / "other", max_steps=3, unlikelihood=0.5)
-    with pytest.raises(UsageError, match=r"\(unlikelihood; e.g. unlikelihood was 20.0\)"):  # the default then
+    with pytest.raises(UsageError, match=r"\(unlikelihood; e.g. unlikelihood was 2.0\)"):  # the default then
         train(changed, show_progress=False, resume=True)
 
 
