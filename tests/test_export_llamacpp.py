@@ -4,6 +4,7 @@ package: `pip install 'banklora[llamacpp]'`), on the embedded Gemma 3 270M with 
 from unittest import mock
 
 import pytest
+import torch
 
 from banklora.config import GenerationSettings
 from banklora.data.dataset import load_examples
@@ -64,10 +65,15 @@ def questions(adapter):
 
 
 @pytest.fixture(scope="module")
-def banklora_answers(adapter, questions):
-    """banklora's greedy answers on the merged model, one question at a time (no padding), in fp32 like the F32 GGUF."""
-    merged = load(str(adapter), dtype="fp32", serve=ServingSettings(merge=True))
-    return [g.text for g in generate_batch(merged.model, merged.tokenizer, questions[1], GenerationSettings(max_new_tokens=TOKENS), batch_size=1)]
+def merged(adapter):
+    """The adapter merged, in fp32 like the F32 GGUF."""
+    return load(str(adapter), dtype="fp32", serve=ServingSettings(merge=True)).model
+
+
+@pytest.fixture(scope="module")
+def banklora_answers(merged, questions):
+    """banklora's greedy answers on the merged model, one question at a time (no padding)."""
+    return [g.text for g in generate_batch(merged, questions[0], questions[1], GenerationSettings(max_new_tokens=TOKENS), batch_size=1)]
 
 
 def _llama(path, lora=None):
@@ -86,7 +92,7 @@ def _llama(path, lora=None):
         return llama_cpp.Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=1024, n_threads=2, verbose=False)
 
 
-def _answers(llm, questions) -> list[str]:
+def _answers(llm, questions, tokens_out: list | None = None) -> list[str]:
     tokenizer, prompts = questions
     out = []
     for ids in prompts:
@@ -97,7 +103,17 @@ def _answers(llm, questions) -> list[str]:
                 break
             tokens.append(token)
         out.append(tokenizer.decode(tokens, skip_special_tokens=True))
+        if tokens_out is not None:
+            tokens_out.append(tokens)
     return out
+
+
+def _greedy_gaps(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """How far below banklora's best logit each of llama.cpp's chosen tokens is, teacher-forced
+    through the merged fp32 model: 0 where llama.cpp chose banklora's greedy token."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+    return logits.max(dim=-1).values - logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 def test_end_of_turn_ends_generation_and_the_embedded_template_gives_banklora_prompts(files, questions):
@@ -122,9 +138,15 @@ def test_end_of_turn_ends_generation_and_the_embedded_template_gives_banklora_pr
     assert forced["choices"][0]["finish_reason"] == "stop" and forced["usage"]["completion_tokens"] <= 1
 
 
-def test_llama_cpp_answers_like_banklora_on_the_merged_files(files, questions, banklora_answers):
-    f32 = _answers(_llama(files[("gguf", "f32")]), questions)
-    assert f32 == banklora_answers  # F32: the same greedy tokens for the first 32
+def test_llama_cpp_answers_like_banklora_on_the_merged_files(files, questions, banklora_answers, merged):
+    tokens: list[list[int]] = []
+    f32 = _answers(_llama(files[("gguf", "f32")]), questions, tokens)
+    # F32: banklora's greedy tokens for the first 32. llama.cpp sums in another order, so at a near-tie
+    # (two logits within float rounding) it may pick the other one and the answers part from there (seen
+    # once in CI: 1 of 8); every token it picks is banklora's best or within 1e-2 of it
+    assert sum(a == b for a, b in zip(f32, banklora_answers)) >= len(f32) - 1
+    for prompt, answer in zip(questions[1], tokens):
+        assert float(_greedy_gaps(merged, list(prompt), answer).max()) <= 1e-2
     q8 = _answers(_llama(files[("gguf", "q8_0")]), questions)
     agree = sum(a == b for a, b in zip(q8, banklora_answers))
     start = sum(a[:8] == b[:8] for a, b in zip(q8, banklora_answers))
