@@ -60,6 +60,7 @@ DataOpt = Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP 
 FrequencyPenaltyOpt = Annotated[float, typer.Option(help="Lower a token's logit by this x the times it is already in the answer (OpenAI's frequency_penalty); -2..2, 0 = off.")]
 PresencePenaltyOpt = Annotated[float, typer.Option(help="Lower a token's logit by this once it is in the answer (OpenAI's presence_penalty); -2..2, 0 = off.")]
 InferenceDtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights for answering: auto (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, about 2x faster there; fp32 elsewhere), bf16 or fp32.")]
+ServeQuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="int8: decode with weight-only int8 copies of the decoder's weights and an int8 LM head (CPU with AVX512-BF16 or AMX): faster single streams, slightly different answers (see docs/performance.md).")]
 RepetitionPenaltyOpt = Annotated[float, typer.Option(help="Divide the logit of every token already in the prompt or the answer by this (vLLM's repetition_penalty; multiplied when negative); 1 = off, 1.1-1.3 curbs loops.")]
 
 
@@ -417,6 +418,7 @@ def chat(
     prompt: Annotated[Optional[str], typer.Option(help="Answer this one message and exit (for scripts).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see docs/performance.md).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 for decoding (CPU): faster answers, slightly different ones (see docs/performance.md).")] = False,
+    quantize: ServeQuantizeOpt = None,
     frequency_penalty: FrequencyPenaltyOpt = 0.0,
     presence_penalty: PresencePenaltyOpt = 0.0,
     repetition_penalty: RepetitionPenaltyOpt = CHAT_REPETITION_PENALTY,
@@ -426,13 +428,14 @@ def chat(
     from banklora.chat import answer_once, repl
     from banklora.config import GenerationSettings
     from banklora.modeling import load
-    from banklora.inference.fast_paths import ServingSettings
+    from banklora.inference.fast_paths import ServingSettings, serving_quantize
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, frequency_penalty=frequency_penalty,
                                   presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
     if max_context <= max_new_tokens:
         raise UsageError(f"--max-context ({max_context}) must exceed --max-new-tokens ({max_new_tokens})")
-    loaded = load(model_path, base_model=base_model, dtype=dtype, serve=ServingSettings(merge=True, int8_head=int8, fp16_weights=fp16))  # one adapter: merged
+    loaded = load(model_path, base_model=base_model, dtype=dtype,
+                  serve=ServingSettings(merge=True, int8_head=int8, fp16_weights=fp16, int8_weights=serving_quantize(quantize)))  # one adapter: merged
     if prompt is not None:
         answer_once(loaded, prompt, settings, stream, sys.stdout)
         return
@@ -453,6 +456,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a slot; past it the server answers 429 with Retry-After.")] = 64,
     int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see docs/performance.md).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 (CPU; the base served alone only).")] = False,
+    quantize: ServeQuantizeOpt = None,
     dtype: InferenceDtypeOpt = "auto",
 ) -> None:
     """Serve the base and adapters over an OpenAI-compatible API, with a web chat at /."""
@@ -460,7 +464,7 @@ def serve(
 
     with bind(host, port) as sock:  # before the model loads: a taken port is a sentence at once
         served_app, served, loaded = build(model_path or [], base_model=base_model, api_key=api_key, max_batch_size=max_batch_size,
-                                           max_queue=max_queue, int8=int8, fp16=fp16, dtype=dtype)
+                                           max_queue=max_queue, int8=int8, fp16=fp16, quantize=quantize, dtype=dtype)
         run(served_app, served, loaded, sock=sock, api_key=api_key)
 
 

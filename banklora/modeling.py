@@ -191,6 +191,10 @@ def load(
             raise UsageError("--int8 and --fp16 are fast paths over fp32 weights; drop them, or --dtype bf16 (bf16 weights are faster "
                              "where the CPU has AVX512-BF16 or AMX)")
         torch_dtype = torch.float32
+    if serve.int8_weights and torch_dtype != torch.bfloat16:
+        raise UsageError("--quantize int8 multiplies int8 weights with bf16 inputs, which needs bf16 weights: a CPU with AVX512-BF16 "
+                         "or AMX and --dtype auto or bf16 (`banklora doctor` says what this CPU has); elsewhere --int8 puts the LM "
+                         "head in int8")
     extra = {}
     if quantize not in (None, "4bit"):
         raise UsageError(f"--quantize takes 4bit (QLoRA) or nothing (got {quantize!r}); the int8 head is ServingSettings(int8_head=True)")

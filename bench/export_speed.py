@@ -8,8 +8,11 @@ Needs llama.cpp's Python binding (`pip install 'banklora[llamacpp]'`). One run:
    timing each and printing its size;
 2) runs each variant in its own process on the same 8 banking-eval questions (banklora's
    formatter), greedy, one question at a time, up to --max-new-tokens each:
-     chat            banklora chat's path: the adapter merged, fp32 (load(..., merge=True))
-     chat+int8+fp16  banklora chat --int8 --fp16
+     chat            banklora chat's path: the adapter merged, `--dtype auto` (bf16 weights on CPUs
+                     with AVX512-BF16 or AMX, read through their lossless fp16 copies for one row)
+     chat+fp32       banklora chat --dtype fp32
+     chat+int8+fp16  banklora chat --int8 --fp16 (fp32 weights)
+     chat+quantize   banklora chat --quantize int8 (int8 weights for decoding; bf16 CPUs only)
      f32 / q8_0      llama.cpp (llama-cpp-python) on the merged GGUF of that type
      q4_k_m+lora     llama.cpp on the embedded Q4_K_M base GGUF with the LoRA GGUF applied
    and prints decode tokens/s single stream (tokens after the first over the time after the
@@ -49,7 +52,8 @@ def _chat(variant: str, adapter: str, max_new_tokens: int) -> list[dict]:
     from banklora.inference.fast_paths import ServingSettings
 
     fast = variant == "chat+int8+fp16"
-    loaded = load(adapter, serve=ServingSettings(merge=True, int8_head=fast, fp16_weights=fast))
+    loaded = load(adapter, dtype="fp32" if variant == "chat+fp32" else "auto",
+                  serve=ServingSettings(merge=True, int8_head=fast, fp16_weights=fast, int8_weights=variant == "chat+quantize"))
     prompts = _questions(loaded.tokenizer)
     generate_batch(loaded.model, loaded.tokenizer, prompts[:1], GenerationSettings(max_new_tokens=4))  # warm-up
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
@@ -98,9 +102,11 @@ def _llama(variant: str, files: dict, max_new_tokens: int) -> list[dict]:
     return out
 
 
-def _export(adapter: str, root: Path) -> tuple[dict, list[tuple[str, float, float]]]:
+def _export(adapter: str, root: Path, lora: bool) -> tuple[dict, list[tuple[str, float, float]]]:
+    """Each export format; the LoRA GGUF only when a variant runs it (it refuses an adapter that
+    trains Gemma's turn tokens, as the quickstart's does)."""
     files, rows = {}, []
-    for fmt, kind in EXPORTS:
+    for fmt, kind in EXPORTS if lora else [e for e in EXPORTS if e[0] != "gguf-lora"]:
         name = f"{fmt}-{kind}" if kind else fmt
         cmd = [sys.executable, "-m", "banklora", "export", "--model-path", adapter, "--format", fmt, "--output", str(root / name)]
         cmd += ["--type", kind] if kind else []
@@ -119,7 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--variants", default="chat,chat+int8+fp16,f32,q8_0,q4_k_m+lora")
+    parser.add_argument("--variants", default="chat,chat+quantize,chat+int8+fp16,f32,q8_0,q4_k_m+lora")
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, one after another (a noisy machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,13 +139,13 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
-        files, sizes = _export(args.adapter, Path(tmp))
+        files, sizes = _export(args.adapter, Path(tmp), lora="q4_k_m+lora" in args.variants.split(","))
         print(f"adapter {args.adapter}, {os.cpu_count()} cores")
         print(f"{'export':16}{'size MB':>10}{'export s':>10}")
         for name, mb, seconds in sizes:
             print(f"{name:16}{mb:>10.1f}{seconds:>10.1f}")
-        results = {}
-        for variant in args.variants.split(","):
+        rounds = [{} for _ in range(args.rounds)]
+        for results, variant in ((r, v) for r in rounds for v in args.variants.split(",")):
             cmd = [sys.executable, __file__, "--worker", variant, "--adapter", args.adapter, "--files", json.dumps(files), "--max-new-tokens", str(args.max_new_tokens)]
             env = dict(os.environ, BANKLORA_LOG_LEVEL="WARNING", TRANSFORMERS_VERBOSITY="error")
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -147,11 +154,16 @@ def main() -> None:
                 sys.exit(f"{variant} failed:\n{done.stderr[-4000:]}")
             results[variant] = json.loads(line[len("RESULT "):])
 
+    for n, results in enumerate(rounds, 1):
+        _table(results, args.max_new_tokens, f" (round {n} of {args.rounds})" if args.rounds > 1 else "")
+
+
+def _table(results: dict, max_new_tokens: int, which: str) -> None:
     def decode_tps(rows: list[dict]) -> float:
         return sum(max(0, r["tokens"] - 1) for r in rows) / max(1e-9, sum(r["wall"] - r["ttft"] for r in rows))
 
     chat = results.get("chat")
-    print(f"\ngreedy, up to {args.max_new_tokens} new tokens, 8 banking-eval questions one at a time")
+    print(f"\ngreedy, up to {max_new_tokens} new tokens, 8 banking-eval questions one at a time{which}")
     print(f"{'':16}{'decode tok/s':>13}{'x chat':>8}{'TTFT s':>8}{'x chat':>8}{'tokens':>8}{'same answer as chat':>21}")
     for name, rows in results.items():
         tps, ttft = decode_tps(rows), sum(r["ttft"] for r in rows) / len(rows)

@@ -4,9 +4,9 @@
     .venv/bin/python bench/serve_load.py --adapter outputs/lora_banking --clients 1,4,8,16 --max-tokens 64
 
 Starts a real `banklora serve` (uvicorn, 127.0.0.1) on the base (default: the embedded Gemma 3
-270M) with the adapter served as "banking", and sends the same 16 requests at every level: the
-first 16 questions of the built-in test split, greedy, the same token budget, alternating base and adapter
-(half each). The reference is these requests one after another through the same server in the
+270M) with the adapter served as "banking", and sends the same requests at every level: the
+first 16 questions of the built-in test split (or as many as the most clients, up to its 72), greedy,
+the same token budget, alternating base and adapter (half each). The reference is these requests one after another through the same server in the
 same run (1 client). Each level runs them with N clients in a closed loop: a client sends its
 next request when its answer has ended. Every request streams (stream_options.include_usage), so
 the time to first token is the first content chunk's arrival.
@@ -41,9 +41,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(base: str | None, adapter: str, max_batch_size: int, int8: bool, port: int, log) -> subprocess.Popen:
+def _start(base: str | None, adapter: str, max_batch_size: int, flags: list[str], port: int, log) -> subprocess.Popen:
     args = [sys.executable, "-m", "banklora", "serve", "--port", str(port), "--model-path", f"banking={adapter}",
-            "--max-batch-size", str(max_batch_size), *(["--int8"] if int8 else [])]
+            "--max-batch-size", str(max_batch_size), *flags]
     if base:
         args += ["--base-model", base]
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, BANKLORA_API_KEY=KEY))
@@ -61,11 +61,11 @@ def _start(base: str | None, adapter: str, max_batch_size: int, int8: bool, port
     raise SystemExit("banklora serve did not answer /health in 600 s")
 
 
-def _requests(base_name: str) -> list[dict]:
+def _requests(base_name: str, count: int) -> list[dict]:
     from banklora.data.dataset import load_examples
 
     out = []
-    for i, e in enumerate(load_examples(["banking"], split="test")[:16]):
+    for i, e in enumerate(load_examples(["banking"], split="test")[:count]):
         content = e.instruction + (f"\n{e.input}" if e.input else "")
         out.append({"model": base_name if i % 2 == 0 else "banking", "messages": [{"role": "user", "content": content}]})
     return out
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=8, help="the server's --max-batch-size (its default: 8)")
     parser.add_argument("--int8", action="store_true", help="serve with --int8 (the LM head in int8)")
+    parser.add_argument("--quantize", choices=["int8"], help="serve with --quantize int8 (int8 weights for decoding)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -136,11 +137,12 @@ def main() -> None:
         levels = [1, *levels]
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="banklora-serve-load-", suffix=".log", delete=False)
-    process = _start(args.base_model, args.adapter, args.max_batch_size, args.int8, port, log)
+    flags = [*(["--int8"] if args.int8 else []), *(["--quantize", args.quantize] if args.quantize else [])]
+    process = _start(args.base_model, args.adapter, args.max_batch_size, flags, port, log)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=600)
         base_name = next(m.id for m in client.models.list().data if m.id != "banking")
-        requests = _requests(base_name)
+        requests = _requests(base_name, max(16, *levels))
         for request in requests[:2]:  # warm-up, base and adapter: the first forward passes allocate
             _one(client, request, 4)
         results = []
@@ -154,7 +156,7 @@ def main() -> None:
             results.append(result)
         reference = next(r for r in results if r["clients"] == 1)["tokens_per_s"]
         print(f"banklora serve, base {base_name}, adapter {args.adapter} as 'banking'; {len(requests)} requests (half each), "
-              f"greedy, max_tokens {args.max_tokens}, --max-batch-size {args.max_batch_size}{' --int8' if args.int8 else ''}; "
+              f"greedy, max_tokens {args.max_tokens}, --max-batch-size {args.max_batch_size} {' '.join(flags)}; "
               f"{os.cpu_count()} CPUs")
         print(f"{'clients':>7} {'tok/s':>7} {'x ref':>6} {'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>8} {'lat p95':>8} "
               f"{'rows/step':>9} {'step ms':>7} {'tokens':>6} {'errors':>6}")

@@ -9,9 +9,12 @@ from banklora.data.format import encode_prompt
 from banklora.inference.generate import generate_batch
 from banklora.loss import token_rows
 from banklora.modeling import load
-from banklora.inference.fast_paths import DecodeLinear, ServingSettings
+from banklora.inference.fast_paths import DecodeLinear, ServingSettings, serving_quantize
+
+from conftest import cli
 
 MERGED, INT8 = ServingSettings(merge=True), ServingSettings(merge=True, int8_head=True)
+QUANTIZED = ServingSettings(merge=True, int8_weights=True)
 
 
 def _ids(tokenizer):
@@ -243,3 +246,98 @@ def test_frozen_in_bf16_puts_the_fp32_weights_back(tiny_adapter):
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=ids).logits).all()
     assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in loaded.model.named_parameters())
+
+
+def test_bf16_weights_decode_one_row_through_their_lossless_fp16_copies(tiny_adapter):
+    """A merged model in bf16 (chat on a CPU with native bf16): every linear layer, the LM head
+    included, holds an fp16 copy equal to its bf16 weight (fp16 carries bf16's significant bits),
+    which one or two decoding rows read (a single row reads at the memory's speed in fp16, not in
+    bf16); more rows read the bf16 weight; an fp16 product out of range is redone in bf16."""
+    merged = load(str(tiny_adapter), dtype="bf16", serve=MERGED)
+    layers = [m for m in merged.model.modules() if isinstance(m, DecodeLinear)]
+    assert merged.model.get_output_embeddings() in layers
+    assert len(layers) == 7 * merged.model.config.num_hidden_layers + 1
+    for m in layers:  # exact in fp16's normal range (|w| >= 2^-14; the embedded 270M's weights all are), off by a subnormal step below
+        back, normal = m.weight16.to(torch.bfloat16), m.weight.abs() >= 2**-14
+        assert m.weight.dtype == torch.bfloat16 and torch.equal(back[normal], m.weight[normal])
+        assert (back.float() - m.weight.float()).abs().max() <= 2**-24
+    layer = layers[0]
+    torch.manual_seed(0)
+    for rows in (1, 2, 5, 40):
+        x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
+        via16 = torch.nn.functional.linear(x.half(), layer.weight16).to(torch.bfloat16)
+        plain = torch.nn.functional.linear(x, layer.weight)
+        assert torch.equal(layer(x), via16 if rows <= 2 else plain), rows
+        assert torch.allclose(layer(x).float(), x.float() @ layer.weight.float().T, rtol=2e-2, atol=2e-2)
+    x = torch.randn(1, layer.in_features, dtype=torch.bfloat16)
+    x[0, 0] = 1e6  # beyond fp16's range
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight)) and torch.isfinite(layer(x)).all()
+
+
+def test_quantize_int8_decodes_with_int8_weights_and_prefills_in_bf16(tiny_adapter, tokenizer, monkeypatch):
+    """--quantize int8 on a CPU with native bf16: the decoder's layers hold weight-only int8 copies
+    (one scale per row) and the head a dynamic int8 linear, read by decoding steps of up to 8 rows;
+    a prompt reads the bf16 weights, so its logits equal the unquantized model's."""
+    from banklora import modeling
+
+    monkeypatch.setattr(modeling, "cpu_bf16", lambda: True)
+    plain = load(str(tiny_adapter), serve=MERGED)
+    quantized = load(str(tiny_adapter), serve=QUANTIZED)
+    assert quantized.dtype == torch.bfloat16
+    head = quantized.model.get_output_embeddings()
+    assert isinstance(head, DecodeLinear) and head.dynamic8 is not None and head.int8 is None
+    decoder = [m for m in quantized.model.modules() if isinstance(m, DecodeLinear) and m is not head]
+    assert len(decoder) == 7 * quantized.model.config.num_hidden_layers
+    for m in decoder:  # each weight within half an int8 step of its int8 copy
+        step = m.int8.scales.float()[:, None]
+        assert m.int8.values.dtype == torch.int8 and m.int8.values.abs().max() >= 126
+        assert ((m.int8.values.float() * step - m.weight.float()).abs() <= 0.5005 * step).all()
+    prompt = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")])
+    step_ids = prompt[0, -4:, None]  # four rows of one token: a decoding step's shape
+    with torch.no_grad():
+        assert torch.equal(plain.model(input_ids=prompt).logits, quantized.model(input_ids=prompt).logits)
+        a, b = plain.model(input_ids=step_ids).logits.float(), quantized.model(input_ids=step_ids).logits.float()
+    assert not torch.equal(a, b)
+    assert (a - b).abs().max() < 0.1 * a.abs().max() and (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+    out = generate_batch(quantized.model, quantized.tokenizer, [encode_prompt(tokenizer, "如何开户？")], GenerationSettings(max_new_tokens=5))
+    assert out[0].new_tokens > 0
+
+
+def test_quantize_int8_serves_adapters_kept_beside_the_base(tiny_adapter, tokenizer, monkeypatch, tmp_path):
+    """The server's stacked adapters with --quantize int8: a mixed decoding step close to PEFT's
+    mixed-batch logits, each row with its own adapter."""
+    import shutil
+
+    from banklora import modeling
+
+    monkeypatch.setattr(modeling, "cpu_bf16", lambda: True)
+    second = tmp_path / "second"
+    shutil.copytree(tiny_adapter, second)
+    peft = load(str(tiny_adapter), more_adapters=(str(second),))
+    stacked = load(str(tiny_adapter), more_adapters=(str(second),), serve=ServingSettings(stacked=True, int8_weights=True))
+    ids = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")[-1:]]).repeat(3, 1)
+    names = ["__base__", "tiny", "second"]
+    with torch.no_grad():
+        a = peft.model(input_ids=ids, adapter_names=names).logits.float()
+        b = stacked.model(input_ids=ids, adapter_names=names).logits.float()
+    assert not torch.equal(a, b) and (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_quantize_int8_is_refused_where_it_cannot_work(tiny_base, monkeypatch):
+    from banklora import modeling
+
+    monkeypatch.setattr(modeling, "cpu_bf16", lambda: True)
+    with pytest.raises(UsageError, match="--quantize int8 multiplies int8 weights with bf16 inputs"):
+        load(str(tiny_base), dtype="fp32", serve=QUANTIZED)
+    with pytest.raises(UsageError, match="drop --int8 and --fp16"):
+        load(str(tiny_base), serve=ServingSettings(merge=True, int8_weights=True, int8_head=True))
+    with pytest.raises(UsageError, match="int8 weights are for CPU inference"):
+        load(str(tiny_base), training=True, serve=ServingSettings(int8_weights=True))
+    monkeypatch.setattr(modeling, "cpu_bf16", lambda: False)  # an AVX2-only CPU: auto loads fp32
+    with pytest.raises(UsageError, match="AVX512-BF16 or AMX"):
+        load(str(tiny_base), serve=QUANTIZED)
+    assert serving_quantize("int8") and not serving_quantize(None)
+    with pytest.raises(UsageError, match="4bit is QLoRA"):
+        serving_quantize("4bit")
+    result = cli("chat", "--model-path", str(tiny_base), "--quantize", "int4", "--prompt", "你好")
+    assert result.returncode == 2 and "--quantize for answering takes int8 (got 'int4')" in result.stderr

@@ -13,7 +13,7 @@ from banklora.errors import UsageError
 from banklora.modeling import adapter_names, is_adapter_dir, load
 from banklora.serve.app import Served, create_app
 from banklora.inference.engine import Engine
-from banklora.inference.fast_paths import ServingSettings
+from banklora.inference.fast_paths import ServingSettings, serving_quantize
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,11 @@ def parse_model_paths(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def build(model_paths: list[str], *, base_model: str | None = None, api_key: str | None = None, max_batch_size: int = 8,
-          max_queue: int = 64, int8: bool = False, fp16: bool = False, device: str | None = None, dtype: str = "auto"):
+          max_queue: int = 64, int8: bool = False, fp16: bool = False, quantize: str | None = None, device: str | None = None,
+          dtype: str = "auto"):
     """Load the base and adapters (verified) and return the app and what it serves."""
     check_server_flags(api_key, max_batch_size, max_queue)
+    int8_weights = serving_quantize(quantize)
     adapters = parse_model_paths(model_paths)
     check_servable(adapters)
     if fp16 and adapters:
@@ -54,7 +56,8 @@ def build(model_paths: list[str], *, base_model: str | None = None, api_key: str
     names = tuple(name for name, _ in adapters)
     first, more = (str(adapters[0][1]), tuple(str(p) for _, p in adapters[1:])) if adapters else (base_model, ())
     loaded = load(first, base_model=base_model if adapters else None, more_adapters=more, names=names or None, device=device, dtype=dtype,
-                  serve=ServingSettings(merge=not adapters, int8_head=int8, fp16_weights=fp16, stacked=bool(adapters)), verify=True)
+                  serve=ServingSettings(merge=not adapters, int8_head=int8, fp16_weights=fp16, stacked=bool(adapters),
+                                                int8_weights=int8_weights), verify=True)
     served = Served(base=loaded.base.name, adapters=tuple(loaded.adapter_names), created=int(time.time()),
                     context=int(loaded.model.config.max_position_embeddings))
     if served.base in served.adapters:
