@@ -341,3 +341,24 @@ def test_quantize_int8_is_refused_where_it_cannot_work(tiny_base, monkeypatch):
         serving_quantize("4bit")
     result = cli("chat", "--model-path", str(tiny_base), "--quantize", "int4", "--prompt", "你好")
     assert result.returncode == 2 and "--quantize for answering takes int8 (got 'int4')" in result.stderr
+
+
+def test_stacked_adapters_decode_one_row_through_the_fp16_copies(tiny_adapter, tokenizer):
+    """The server's single stream in bf16: the base layers under the stacked adapters and the head
+    (the base layer of the head with trained rows) read lossless fp16 copies for one row, and the
+    logits stay PEFT's to bf16 rounding."""
+    peft = load(str(tiny_adapter), dtype="bf16")
+    stacked = load(str(tiny_adapter), dtype="bf16", serve=ServingSettings(stacked=True))
+    head = token_rows(stacked.model.get_output_embeddings())[0]
+    assert isinstance(head, DecodeLinear) and head.weight16 is not None
+    ids = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")[-1:]])
+    with torch.no_grad():
+        a = peft.model(input_ids=ids, adapter_names=["tiny"]).logits.float()
+        b = stacked.model(input_ids=ids, adapter_names=["tiny"]).logits.float()
+    assert (a - b).abs().max() < 0.02 * a.abs().max() and a.argmax(-1).equal(b.argmax(-1))
+
+
+def test_chat_answers_with_quantize_int8(tiny_adapter):
+    result = cli("chat", "--model-path", str(tiny_adapter), "--dtype", "bf16", "--quantize", "int8", "--prompt", "你好",
+                 "--max-new-tokens", "4", "--temperature", "0", "--no-stream")
+    assert result.returncode == 0 and result.stdout.strip()
