@@ -285,9 +285,9 @@ def test_quantize_int8_decodes_with_int8_weights_and_prefills_in_bf16(tiny_adapt
     quantized = load(str(tiny_adapter), serve=QUANTIZED)
     assert quantized.dtype == torch.bfloat16
     head = quantized.model.get_output_embeddings()
-    assert isinstance(head, DecodeLinear) and head.dynamic8 is not None and head.int8 is None
+    assert isinstance(head, DecodeLinear) and head.dynamic8 is not None and head.int8 is None and head.weight16 is None
     decoder = [m for m in quantized.model.modules() if isinstance(m, DecodeLinear) and m is not head]
-    assert len(decoder) == 7 * quantized.model.config.num_hidden_layers
+    assert len(decoder) == 7 * quantized.model.config.num_hidden_layers and all(m.weight16 is None for m in decoder)
     for m in decoder:  # each weight within half an int8 step of its int8 copy
         step = m.int8.scales.float()[:, None]
         assert m.int8.values.dtype == torch.int8 and m.int8.values.abs().max() >= 126

@@ -227,14 +227,14 @@ def decode_linears(model, fp16: bool, int8: bool = False) -> None:
     lie in its normal range, 6e-5 to 65504, measured; a smaller value is off by at most fp16's
     subnormal step, 6e-8); a single row then reads at the memory's speed, 14 ms for the head against
     33 in bf16 on this CPU; of fp32 weights when asked (lossy), all but the LM head (an fp16 head reads twice
-    the bytes of the int8 one). int8 (`--quantize int8`, bf16 weights):
-    weight-only int8 copies of the decoder's layers in place of their fp16 ones, and the head as
-    torch's dynamic int8 linear (_dynamic_int8) for decoding steps."""
+    the bytes of the int8 one). int8 (`--quantize int8`, bf16 weights): no fp16 copies; for
+    decoding steps, weight-only int8 copies of the decoder's layers and the head as torch's dynamic
+    int8 linear (_dynamic_int8)."""
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                lossless = child.weight.dtype == torch.bfloat16 and (child is head or not int8)
+                lossless = child.weight.dtype == torch.bfloat16 and not int8  # int8 reads its own copies (the head's: dynamic int8)
                 setattr(parent, name, DecodeLinear(child, fp16=lossless or (fp16 and child is not head), int8=int8 and child is not head,
                                                    dynamic_int8=int8 and child is head))
 
@@ -287,7 +287,7 @@ def stack_adapters(model, decode: bool, int8: bool = False) -> int:
     parent, name = (rows, "base_layer") if rows is not None else _parent_of(model, head)
     head = getattr(parent, name)
     if decode and type(head) is torch.nn.Linear:
-        setattr(parent, name, DecodeLinear(head, fp16=head.weight.dtype == torch.bfloat16, dynamic_int8=int8))
+        setattr(parent, name, DecodeLinear(head, fp16=head.weight.dtype == torch.bfloat16 and not int8, dynamic_int8=int8))
     return stacked
 
 
