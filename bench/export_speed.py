@@ -125,7 +125,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--variants", default="chat,chat+quantize,chat+int8+fp16,f32,q8_0,q4_k_m+lora")
+    from banklora.modeling import cpu_bf16
+
+    quantize = ",chat+quantize" if cpu_bf16() else ""  # --quantize int8 needs a CPU with native bf16
+    parser.add_argument("--variants", default=f"chat{quantize},chat+int8+fp16,f32,q8_0,q4_k_m+lora")
     parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, one after another (a noisy machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)

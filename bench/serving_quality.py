@@ -57,7 +57,7 @@ def main() -> None:
         speed[name] = sum(g.new_tokens for g in gens) / (time.perf_counter() - start)
         nlls = reference_nll(loaded.model, loaded.tokenizer, examples, 8)
         answers[name] = [score(e, g, n, rules) for e, g, n in zip(examples, gens, nlls)]
-        stepwise[name] = [_decode_nll(loaded.model, loaded.tokenizer, e) for e in examples[: args.decode_nll] if e.output]
+        stepwise[name] = [_decode_nll(loaded.model, loaded.tokenizer, e) for e in [e for e in examples if e.output][: args.decode_nll]]
         del loaded
     rows = [{"answers": {m: answers[m][i] for m in answers}} for i in range(len(examples))]
     pair = compare_pair(rows, reference, fast)
@@ -70,7 +70,7 @@ def main() -> None:
         b = [x[key] for x in answers[fast] if x[key] is not None]
         ci = f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
         print(f"{key:<16}{sum(a) / len(a):>8.3f}{sum(b) / len(b):>14.3f}{s['mean_delta']:>+12.3f}{ci:>20}{s['p_value']:>9.3g}  {s['verdict']}")
-    if args.decode_nll:
+    if stepwise[reference]:
         from scipy.stats import wilcoxon
 
         a, b = stepwise[reference], stepwise[fast]

@@ -315,6 +315,11 @@ def test_quantize_int8_serves_adapters_kept_beside_the_base(tiny_adapter, tokeni
     shutil.copytree(tiny_adapter, second)
     peft = load(str(tiny_adapter), more_adapters=(str(second),))
     stacked = load(str(tiny_adapter), more_adapters=(str(second),), serve=ServingSettings(stacked=True, int8_weights=True))
+    stacks = [m._banklora_stack for m in stacked.model.modules() if hasattr(m, "_banklora_stack")]
+    assert len(stacks) == 7 * stacked.model.config.num_hidden_layers and all(s.int8 is not None and s.weight16 is None for s in stacks)
+    assert all(type(m.base_layer) is torch.nn.Linear for m in stacked.model.modules() if hasattr(m, "_banklora_stack"))  # read through the stack
+    head = token_rows(stacked.model.get_output_embeddings())[0]
+    assert isinstance(head, DecodeLinear) and head.dynamic8 is not None and head.weight16 is None
     ids = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")[-1:]]).repeat(3, 1)
     names = ["__base__", "tiny", "second"]
     with torch.no_grad():
@@ -333,6 +338,8 @@ def test_quantize_int8_is_refused_where_it_cannot_work(tiny_base, monkeypatch):
         load(str(tiny_base), serve=ServingSettings(merge=True, int8_weights=True, int8_head=True))
     with pytest.raises(UsageError, match="int8 weights are for CPU inference"):
         load(str(tiny_base), training=True, serve=ServingSettings(int8_weights=True))
+    with pytest.raises(UsageError, match="--quantize int8 needs the adapter merged"):
+        ServingSettings(int8_weights=True).check(training=False, device=torch.device("cpu"), adapters=1)
     monkeypatch.setattr(modeling, "cpu_bf16", lambda: False)  # an AVX2-only CPU: auto loads fp32
     with pytest.raises(UsageError, match="AVX512-BF16 or AMX"):
         load(str(tiny_base), serve=QUANTIZED)

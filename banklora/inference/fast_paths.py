@@ -6,18 +6,21 @@ the loaded model. What each path does and costs (docs/performance.md):
 - merge: a single adapter folded into the base weights (W + B @ A * scale): the same outputs to
   float rounding, without LoRA's extra matmuls at every layer.
 - DecodeLinear (on CPU, for a plain model: merged or base): the few rows of a decoding step as
-  W @ x^T, and with fp16 weights an fp16 copy for one or two rows.
+  W @ x^T over fp32 weights, and with fp16 weights an fp16 copy for one or two rows; over bf16
+  weights (a CPU with native bf16) a lossless fp16 copy for one or two rows and F.linear for more.
 - int8 head: the 262,144 x 640 LM head, the largest read per token, in int8 with one scale per
   output row. Works on a merged model and on a PeftModel with adapters beside the base.
 - int8 weights (`--quantize int8`, bf16 models): for decoding steps of up to INT8_ROWS rows, the
   decoder's linear layers read weight-only int8 copies (one scale per output row; activations stay
   bf16, so Gemma's large ones keep their precision) and the LM head is a dynamic int8 linear (as
-  the int8 head); prompts use the bf16 weights.
+  the int8 head); a prompt's pass uses the bf16 weights, but its last position's logits (the first
+  answer token) come from the int8 head, as a decoding step's do.
 - stacked adapters (the server: a PeftModel with adapters beside the base, rows of one batch
   asking different ones through PEFT's `adapter_names`): each LoRA layer's adapters stacked into
   one A (sum of ranks x in) and one scaled B, so a mixed batch costs two small matmuls and a row
   mask per layer instead of PEFT's gather, two matmuls and scatter per adapter; the base weight's
-  product and the LM head as DecodeLinear's W @ x^T. The same products in another summation order.
+  product, the layers no adapter targets and the LM head as DecodeLinear's. The same products in
+  another summation order.
 - a contiguous LM-head input, always (contiguous_head_input).
 """
 
@@ -54,6 +57,8 @@ class ServingSettings:
                 raise UsageError(f"{what} weights are for CPU inference (chat, serving); on a GPU bf16 is already fast")
         if self.fp16_weights and adapters and not self.merged(adapters):
             raise UsageError("fp16 weights need the adapter merged (one adapter, merge=True)")
+        if self.int8_weights and adapters and not self.merged(adapters) and not self.stacked:
+            raise UsageError("--quantize int8 needs the adapter merged (chat) or the server's stacked adapters")
         if self.int8_weights and (self.int8_head or self.fp16_weights):
             raise UsageError("--quantize int8 already reads every layer in int8; drop --int8 and --fp16 (fast paths over fp32 weights)")
         if self.stacked and (training or self.merged(adapters)):
@@ -231,12 +236,27 @@ def decode_linears(model, fp16: bool, int8: bool = False) -> None:
     decoding steps, weight-only int8 copies of the decoder's layers and the head as torch's dynamic
     int8 linear (_dynamic_int8)."""
     head = model.get_output_embeddings()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                lossless = child.weight.dtype == torch.bfloat16 and not int8  # int8 reads its own copies (the head's: dynamic int8)
-                setattr(parent, name, DecodeLinear(child, fp16=lossless or (fp16 and child is not head), int8=int8 and child is not head,
-                                                   dynamic_int8=int8 and child is head))
+    for parent, name, child in _text_linears(model):
+        lossless = child.weight.dtype == torch.bfloat16 and not int8  # int8 reads its own copies (the head's: dynamic int8)
+        setattr(parent, name, DecodeLinear(child, fp16=lossless or (fp16 and child is not head), int8=int8 and child is not head,
+                                           dynamic_int8=int8 and child is head))
+
+
+def _text_linears(model) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """(parent, name, layer) of every plain linear layer that text generation reads: not a vision
+    tower's or its projector's (Gemma 3 4B and larger), not inside a LoRA layer (its base layer and
+    its A and B)."""
+    from peft.tuners.lora import LoraLayer
+
+    inside = {id(m) for layer in model.modules() if isinstance(layer, LoraLayer) for m in layer.modules()}
+    found = []
+    for path, parent in model.named_modules():
+        if "vision_tower" in path or "multi_modal_projector" in path or id(parent) in inside:
+            continue
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.Linear and id(child) not in inside:
+                found.append((parent, name, child))
+    return found
 
 
 @dataclass(frozen=True)
@@ -286,6 +306,10 @@ def stack_adapters(model, decode: bool, int8: bool = False) -> int:
     rows = getattr(head, "token_adapter", None)  # an adapter trains some of the head's rows (the turn tokens): its base layer
     parent, name = (rows, "base_layer") if rows is not None else _parent_of(model, head)
     head = getattr(parent, name)
+    if decode:  # the decoder's layers no adapter targets: the same copies as their neighbours'
+        for owner, child_name, child in _text_linears(model):
+            if child is not head:
+                setattr(owner, child_name, DecodeLinear(child, fp16=child.weight.dtype == torch.bfloat16 and not int8, int8=int8))
     if decode and type(head) is torch.nn.Linear:
         setattr(parent, name, DecodeLinear(head, fp16=head.weight.dtype == torch.bfloat16 and not int8, dynamic_int8=int8))
     return stacked
