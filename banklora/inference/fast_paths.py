@@ -237,9 +237,14 @@ def decode_linears(model, fp16: bool, int8: bool = False) -> None:
     int8 linear (_dynamic_int8)."""
     head = model.get_output_embeddings()
     for parent, name, child in _text_linears(model):
-        lossless = child.weight.dtype == torch.bfloat16 and not int8  # int8 reads its own copies (the head's: dynamic int8)
-        setattr(parent, name, DecodeLinear(child, fp16=lossless or (fp16 and child is not head), int8=int8 and child is not head,
-                                           dynamic_int8=int8 and child is head))
+        setattr(parent, name, decode_layer(child, int8, head=child is head, lossy_fp16=fp16 and child is not head))
+
+
+def decode_layer(linear: torch.nn.Linear, int8: bool, head: bool = False, lossy_fp16: bool = False) -> DecodeLinear:
+    """The DecodeLinear of one layer: a lossless fp16 copy of bf16 weights; with int8 no fp16 copy
+    but the int8 one (the head's: dynamic int8); lossy_fp16 asks an fp16 copy of fp32 weights."""
+    lossless = linear.weight.dtype == torch.bfloat16 and not int8
+    return DecodeLinear(linear, fp16=lossless or lossy_fp16, int8=int8 and not head, dynamic_int8=int8 and head)
 
 
 def _text_linears(model) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
@@ -289,10 +294,8 @@ def stack_adapters(model, decode: bool, int8: bool = False) -> int:
             a = torch.cat([module.lora_A[n].weight for n in names])
             b = torch.cat([(module.lora_B[n].weight * module.scaling[n]).T for n in names]).contiguous()
         owners = tuple(n for n in names for _ in range(module.lora_A[n].weight.shape[0]))
-        weight = module.base_layer.weight
-        module._banklora_stack = _Stack(a, b, owners, decode, int8_weight(weight) if int8 else None,
-                                        weight.detach().to(torch.float16) if decode and weight.dtype == torch.bfloat16 and not int8 else None,
-                                        masks)
+        base = decode_layer(module.base_layer, int8) if decode else None  # its copies; the layer itself stays in place
+        module._banklora_stack = _Stack(a, b, owners, decode, base.int8 if base else None, base.weight16 if base else None, masks)
         module.forward = types.MethodType(_stacked_forward, module)
         stacked += 1
     from peft.utils.other import TrainableTokensWrapper
@@ -309,9 +312,9 @@ def stack_adapters(model, decode: bool, int8: bool = False) -> int:
     if decode:  # the decoder's layers no adapter targets: the same copies as their neighbours'
         for owner, child_name, child in _text_linears(model):
             if child is not head:
-                setattr(owner, child_name, DecodeLinear(child, fp16=child.weight.dtype == torch.bfloat16 and not int8, int8=int8))
+                setattr(owner, child_name, decode_layer(child, int8))
     if decode and type(head) is torch.nn.Linear:
-        setattr(parent, name, DecodeLinear(head, fp16=head.weight.dtype == torch.bfloat16 and not int8, dynamic_int8=int8))
+        setattr(parent, name, decode_layer(head, int8, head=True))
     return stacked
 
 
