@@ -64,7 +64,7 @@ def test_lora_dropout_gradients_follow_the_mask_it_drew():
     x.grad = a.grad = b.grad = None
 
     torch.manual_seed(7)  # the same draw: the mask the kernel used
-    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.75)
+    keep = kernels.keep_mask(x, 0.25)
     assert 0.5 < keep.float().mean() < 0.95
     reference = ((x * keep / 0.75) @ a.T @ b.T) * 2.0
     assert torch.allclose(out, reference, atol=1e-5)
@@ -72,6 +72,17 @@ def test_lora_dropout_gradients_follow_the_mask_it_drew():
     for mine, theirs in zip(ours, (x.grad, a.grad, b.grad)):
         assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5)
     assert (ours[0][~keep] == 0).all()  # dropped inputs get no gradient
+
+
+def test_the_dropout_mask_keeps_each_element_with_probability_one_minus_p():
+    torch.manual_seed(3)
+    x = torch.empty(1000, 1000)
+    for p in (0.1, 0.5):
+        keep = kernels.keep_mask(x, p)
+        assert keep.dtype == torch.bool and keep.shape == x.shape
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.002  # 10^6 draws: sd 0.0005
+        assert abs(keep[:, :500].float().mean() - keep[:, 500:].float().mean()) < 0.004  # no pattern by column
+    assert not torch.equal(kernels.keep_mask(x, 0.1), kernels.keep_mask(x, 0.1))  # a fresh draw each call
 
 
 def test_the_kernels_keep_less_for_backward(tiny_base, tokenizer):

@@ -352,6 +352,45 @@ def test_unlikelihood_in_chunks_gives_the_full_computations_loss_and_gradients(t
         assert (our_grads[name] - full_grads[name]).abs().max() <= 1e-4 * scale, name
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_the_bf16_head_gives_the_same_losses_and_gradients_in_chunks_as_in_one(tiny_base, tokenizer, monkeypatch, softcap):
+    """Under bf16 autocast the head's products go through buffers reused by every chunk (bf16
+    logits, fp32 softmax): several chunks with a ragged last one must give what one chunk gives,
+    for the loss, the unlikelihood term, the trained turn-token rows and validation's no-grad path."""
+    import banklora.loss as loss_module
+
+    loaded = load(str(tiny_base), training=True)
+    loaded.model.config.final_logit_softcapping = softcap
+    model = lora_model(loaded, LoraSettings(dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    batch = seed_batch(tokenizer)
+    model.eval()
+
+    def run(chunk):
+        monkeypatch.setattr(loss_module, "HEAD_CHUNK", chunk)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            objective, nll = loss_module.unlikelihood_losses(model, batch, 0.7)
+            objective.sum().backward()
+            with torch.no_grad():
+                plain, _ = loss_module.token_losses(model, batch)
+        return objective.detach(), nll, plain, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    one = run(10**6)
+    chunked = run(7)
+    assert one[0].numel() > 14 and one[0].numel() % 7  # several chunks, the last one ragged
+    for ours, whole in zip(chunked[:3], one[:3]):
+        assert torch.allclose(ours, whole, atol=1e-3)
+    assert torch.allclose(chunked[2], one[1], atol=1e-3)  # validation's path reads the same cross-entropy
+    assert any("trainable_tokens" in n for n in one[3])
+    for name, grad in one[3].items():
+        assert (chunked[3][name] - grad).abs().max() <= 1e-2 * grad.abs().max(), name
+    assert sum(g.abs().sum() for g in one[3].values()) > 0
+
+
 @pytest.mark.parametrize("context", [0, 1])
 def test_training_with_unlikelihood_logs_the_plain_loss_and_moves_the_weights(tiny_base, tmp_path, context):
     data = tmp_path / "lists.jsonl"  # answers that say "请到" twice, going on differently: context 1 has candidates
