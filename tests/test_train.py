@@ -306,18 +306,24 @@ def test_repeat_candidates_context_ignores_reuse_in_another_context():
     assert int(mask.sum()) == 1 and candidates[mask].tolist() == [9]  # after "1" the answer said 9 before, here 2
 
 
+def _moved_lora_model(tiny_base, softcap):
+    """The tiny model with LoRA and its turn tokens' rows trained, moved off their zero start so every part has gradients."""
+    loaded = load(str(tiny_base), training=True)
+    loaded.model.config.final_logit_softcapping = softcap
+    model = lora_model(loaded, LoraSettings(dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_unlikelihood_in_chunks_gives_the_full_computations_loss_and_gradients(tiny_base, tokenizer, monkeypatch, softcap):
     import banklora.loss as loss_module
 
     monkeypatch.setattr(loss_module, "HEAD_CHUNK", 7)
-    loaded = load(str(tiny_base), training=True)
-    loaded.model.config.final_logit_softcapping = softcap
-    model = lora_model(loaded, LoraSettings(dropout=0.0))  # the turn tokens' rows trained too
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "trainable_tokens_delta" in name:
-                p.add_(torch.randn_like(p) * 0.05)
+    model = _moved_lora_model(tiny_base, softcap)
     batch = seed_batch(tokenizer)
     model.eval()
     alpha = 0.7
@@ -359,13 +365,7 @@ def test_the_bf16_head_gives_the_same_losses_and_gradients_in_chunks_as_in_one(t
     for the loss, the unlikelihood term, the trained turn-token rows and validation's no-grad path."""
     import banklora.loss as loss_module
 
-    loaded = load(str(tiny_base), training=True)
-    loaded.model.config.final_logit_softcapping = softcap
-    model = lora_model(loaded, LoraSettings(dropout=0.0))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "trainable_tokens_delta" in name:
-                p.add_(torch.randn_like(p) * 0.05)
+    model = _moved_lora_model(tiny_base, softcap)
     batch = seed_batch(tokenizer)
     model.eval()
 
