@@ -192,7 +192,7 @@ def main() -> None:
     first = results["banklora_first"]
     ours, fp32 = results["banklora"] | first, results["banklora_fp32"] | first
     low = results["banklora_low_memory"] | first
-    # the faster of the two references is the one to beat
+    # the fastest of the three references is the one to beat
     references = {"fp32": results["reference"], "bf16": results["reference_bf16"], "bf16 + huge pages": results["reference_bf16_thp"]}
     ref_name, ref = max(references.items(), key=lambda item: item[1]["tokens_per_second"])
     print(f"{args.steps} steps x batch {args.batch_size} on {ref['tokens']} tokens of {args.data} (train split), 270M, {os.cpu_count()} cores; "
