@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -76,6 +77,33 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_ba
             base = ours(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, base, atol=1e-4)  # the adapter does change the model
+
+
+def test_loading_an_adapter_with_trained_turn_rows_warns_of_no_missing_keys(tiny_adapter):
+    # PEFT saves the turn-token rows once, under the tied embedding, and warned on every load of an adapter
+    # whose name holds "lora_" (its LoRA prefix, so the default lora_banking) that the LM head's copy was
+    # missing: every quickstart's compare printed it. The head shares the rows.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load(str(tiny_adapter), dtype="fp32", names=("lora_banking",))
+    assert [str(w.message) for w in caught if "missing adapter keys" in str(w.message)] == []
+    model = loaded.model.get_base_model()
+    head, embed = model.lm_head.token_adapter, model.get_input_embeddings().token_adapter
+    assert head.trainable_tokens_delta["lora_banking"] is embed.trainable_tokens_delta["lora_banking"]  # the head does use the trained rows
+    assert not torch.equal(embed.trainable_tokens_delta["lora_banking"], embed.trainable_tokens_original["lora_banking"])
+
+
+def test_a_missing_key_that_is_not_a_tied_head_row_is_still_reported(tiny_adapter):
+    from banklora.modeling import _only_tied_head_rows_missing
+
+    model = load(str(tiny_adapter), dtype="fp32").model
+    tied = "['base_model.model.lm_head.token_adapter.trainable_tokens_delta.tiny']"
+    assert _only_tied_head_rows_missing(model, f"Found missing adapter keys while loading the checkpoint: {tied}.")
+    lost = "['base_model.model.model.layers.0.self_attn.q_proj.lora_A.tiny.weight']"
+    assert not _only_tied_head_rows_missing(model, f"Found missing adapter keys while loading the checkpoint: {lost}.")
+    assert not _only_tied_head_rows_missing(model, "Found missing adapter keys while loading the checkpoint: "
+                                                   "['base_model.model.lm_head.token_adapter.trainable_tokens_delta.other'].")
+    assert not _only_tied_head_rows_missing(model, "some other warning")
 
 
 def test_metadata_records_base_data_settings_and_losses(tiny_adapter, tiny_base):
