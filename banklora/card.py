@@ -103,7 +103,8 @@ def model_card(meta: dict, adapter_config: dict) -> str:
         "## Training data",
         "",
         f"- sources: {', '.join(data.get('sources', [])) or 'unknown'}; {data.get('examples', '?')} examples, "
-        f"per split {json.dumps(data.get('used_per_split', {}), ensure_ascii=False)}",
+        f"per split {json.dumps(data.get('used_per_split', {}), ensure_ascii=False)}"
+        + (f", with {training['augment']} question variants of each training example (`--augment`)" if training.get("augment") else ""),
         f"- sha256 of the examples `{data.get('sha256', 'unknown')}`",
         f"- dropped: {json.dumps(data.get('dropped', {}), ensure_ascii=False)}; personal data items masked: {data.get('personal_data_masked', 0)}",
         "",

@@ -22,6 +22,7 @@ from banklora.errors import UsageError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("auto", "fp32", "bf16")
+MAX_VARIANTS = 4  # question variants banklora/data/augment.py can make: a synonym swap and three phrasings
 # Gemma's turn tokens: in a pretrained (not instruction-tuned) Gemma their rows of the tied embedding /
 # LM head are nearly untrained, so a tuned model never ends its turn unless they are trained too.
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
@@ -107,6 +108,8 @@ class TrainSettings:
     """AdamW weight decay on the LoRA weights."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm."""
+    augment: int = 0
+    """Question variants added per training example before training (banklora data augment's synonyms and phrasings; validation and test untouched): 2 triples the training split, so one epoch costs what three did. 0 = off."""
     neftune_alpha: float = 0.0
     """NEFTune: uniform noise of scale alpha / sqrt(tokens x hidden) on the input embeddings while training (5 in the paper); 0 = off."""
     unlikelihood: float = 2.0
@@ -169,6 +172,8 @@ class TrainSettings:
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--lr", self.lr)):
             if value <= 0:
                 raise UsageError(f"{flag} must be positive (got {value})")
+        if not 0 <= self.augment <= MAX_VARIANTS:
+            raise UsageError(f"--augment must be 0 (off) or 1-{MAX_VARIANTS} question variants per training example (got {self.augment})")
         if self.neftune_alpha < 0:
             raise UsageError(f"--neftune-alpha must be 0 (off) or positive, e.g. 5 (got {self.neftune_alpha})")
         from banklora.tracking import check_reporters

@@ -25,6 +25,7 @@ from banklora import basemodel, card, checkpoint, destination, kernels, loss, pr
 from banklora.checkpoint import StopRequest, TrainerState, TrainingInterrupted  # noqa: F401  (TrainingInterrupted: part of the API)
 from banklora.config import TrainSettings, load_train_settings
 from banklora.data.batching import collate, epoch_batches
+from banklora.data.augment import augment
 from banklora.data.dataset import dataset_hash, load_examples, source_paths
 from banklora.data.prepare import Prepared, prepare
 from banklora.errors import BankloraError, UsageError
@@ -154,6 +155,8 @@ def _check_destinations(s: TrainSettings, overwrite: bool) -> None:
 def _setup_data(settings: TrainSettings) -> tuple[list, Prepared, list, list, object]:
     """1) the data, checked (privacy, duplicates, lengths, --strict) before any weights load."""
     examples = load_examples(settings.data)
+    if settings.augment:
+        examples = augment(examples, settings.augment)
     tokenizer = load_tokenizer(settings.base_model)
     train_token_ids(tokenizer, settings.lora.train_tokens)  # a token the tokenizer lacks: a sentence before any weights load
     data = prepare(examples, tokenizer, settings.max_length, strict=settings.strict, redact=settings.redact)
@@ -250,7 +253,7 @@ def _resume(run: _Run, found: Path) -> None:
 def _log_start(run: _Run, found: Path | None) -> None:
     acc = run.accelerator
     if acc.is_main_process:
-        log.info("data: %s", run.data.summary())
+        log.info("data: %s%s", run.data.summary(), f" ({run.settings.augment} question variants per training example added)" if run.settings.augment else "")
         log.info("training %s LoRA parameters on %d examples for %d steps (warmup %d, global batch %d on %d process%s) on %s/%s%s",
                  f"{_trainable_count(run):,}", len(run.encoded), run.total, run.warmup, run.settings.batch_size * acc.num_processes,
                  acc.num_processes, "es" if acc.num_processes > 1 else "", acc.device, card.precision(run),

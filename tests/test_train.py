@@ -474,3 +474,15 @@ def test_training_with_neftune_records_it_and_changes_the_run(tiny_base, small_d
     assert meta["training"]["neftune_alpha"] == 5.0
     with pytest.raises(UsageError, match="--neftune-alpha"):
         TrainSettings(neftune_alpha=-1)
+
+
+def test_augment_trains_on_question_variants_of_the_training_split_only(tiny_base, small_data, tmp_path):
+    settings = TrainSettings(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(tmp_path / "augmented"), epochs=1,
+                             batch_size=2, augment=2, turn_end_budget=0, report_to=("none",))
+    meta = train(settings, show_progress=False).meta
+    assert meta["dataset"]["used_per_split"] == {"train": 18, "validation": 2, "test": 0}  # 6 pairs and 2 variants of each; validation as it was
+    assert meta["training"]["augment"] == 2 and meta["training"]["steps"] == 9  # one epoch over 18 at batch 2
+    assert "2 question variants of each training example" in (tmp_path / "augmented" / "README.md").read_text()
+    for bad in (-1, 5):
+        with pytest.raises(UsageError, match="--augment"):
+            TrainSettings(augment=bad)
