@@ -156,7 +156,15 @@ def _setup_data(settings: TrainSettings) -> tuple[list, Prepared, list, list, ob
     """1) the data, checked (privacy, duplicates, lengths, --strict) before any weights load."""
     examples = load_examples(settings.data)
     if settings.augment:
+        before = len(examples)
         examples = augment(examples, settings.augment)
+        if len(examples) == before:
+            raise UsageError(f"--augment {settings.augment}: none of the training examples could be varied (conversations in chat format "
+                             "are not; only single questions are); drop --augment")
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            log.info("--augment %d: %d question variants added to the training split", settings.augment, len(examples) - before)
     tokenizer = load_tokenizer(settings.base_model)
     train_token_ids(tokenizer, settings.lora.train_tokens)  # a token the tokenizer lacks: a sentence before any weights load
     data = prepare(examples, tokenizer, settings.max_length, strict=settings.strict, redact=settings.redact)
@@ -253,7 +261,7 @@ def _resume(run: _Run, found: Path) -> None:
 def _log_start(run: _Run, found: Path | None) -> None:
     acc = run.accelerator
     if acc.is_main_process:
-        log.info("data: %s%s", run.data.summary(), f" ({run.settings.augment} question variants per training example added)" if run.settings.augment else "")
+        log.info("data: %s", run.data.summary())
         log.info("training %s LoRA parameters on %d examples for %d steps (warmup %d, global batch %d on %d process%s) on %s/%s%s",
                  f"{_trainable_count(run):,}", len(run.encoded), run.total, run.warmup, run.settings.batch_size * acc.num_processes,
                  acc.num_processes, "es" if acc.num_processes > 1 else "", acc.device, card.precision(run),

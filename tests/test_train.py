@@ -486,3 +486,8 @@ def test_augment_trains_on_question_variants_of_the_training_split_only(tiny_bas
     for bad in (-1, 5):
         with pytest.raises(UsageError, match="--augment"):
             TrainSettings(augment=bad)
+    chats = tmp_path / "chats.jsonl"  # nothing to vary: said before any weights load, nothing written
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}, ensure_ascii=False) + "\n")
+    with pytest.raises(UsageError, match="--augment 1: none of the training examples could be varied"):
+        train(TrainSettings(base_model=str(tiny_base), data=(str(chats),), output_dir=str(tmp_path / "none"), augment=1), show_progress=False)
+    assert not (tmp_path / "none").exists()
