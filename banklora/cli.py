@@ -538,10 +538,10 @@ def doctor(
 def quickstart(*, flags: dict) -> None:
     """The whole job on the embedded model: data -> train -> compare, then how to chat and serve.
 
-    It trains one epoch of banklora's recipe on the built-in train split (240 pairs at lr 1e-3,
-    Gemma's turn tokens trained: 60 steps), so the whole run fits in 10 minutes on 2 cores;
-    `banklora train` runs the recipe's 3 epochs, whose answers end and loop less
-    (docs/training.md). The compare
+    It trains banklora's recipe on the built-in train split without its question variants (240
+    pairs once at lr 1e-3, Gemma's turn tokens trained: 60 steps), so the whole run fits in 10
+    minutes on 2 cores; `banklora train` adds 2 variants of each question (180 steps), whose
+    answers loop less and know the held-out answers better (docs/training.md). The compare
     answers the seed's 8 questions and scores the banking-mcq knowledge test. An interrupted
     quickstart continues where it stopped.
     """
@@ -566,7 +566,7 @@ def quickstart(*, flags: dict) -> None:
     console.print(f"chat with it:      banklora chat --model-path {output_dir}", soft_wrap=True)
     console.print(f"serve it:          banklora serve --model-path {output_dir}", soft_wrap=True)
     console.print("                   (OpenAI API at http://127.0.0.1:8000/v1, web chat at /)")
-    console.print("a better adapter:  banklora train   (the recipe's 3 epochs, ~15 min on 2 cores)")
+    console.print("a better adapter:  banklora train   (the recipe with 2 variants of each question, ~15 min on 2 cores)")
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_base, s
     whole = train(_settings(tiny_base, small_data, tmp_path / "whole"), show_progress=False)
 
     settings = _settings(tiny_base, small_data, tmp_path / "parts")
-    with pytest.raises(TrainingInterrupted, match=r"stopped at step 4 of 6.*--resume"):
+    with pytest.raises(TrainingInterrupted, match=r"stopped at step 4 of 18.*--resume"):
         train(settings, show_progress=False, on_step=_interrupt_at(4))
     assert not (tmp_path / "parts").exists()  # no adapter before the run ends
     assert [p.name for p in checkpoint.complete_checkpoints(settings.checkpoints)] == ["step-000002", "step-000004"]

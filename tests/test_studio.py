@@ -22,7 +22,7 @@ from test_serve import KEY, Server
 
 from banklora.studio.workspace import UPLOAD_LIMIT, OutsideWorkspace, Workspace
 
-FAST = {"batch_size": 2, "report_to": "none", "turn_end_budget": 0, "dtype": "fp32"}  # exact resumes; no check generation
+FAST = {"batch_size": 2, "report_to": "none", "turn_end_budget": 0, "dtype": "fp32", "augment": 0}  # exact resumes; no check generation; the pairs as written (the step counts below)
 
 
 def _studio(workspace: Path, tiny_base: Path) -> Server:
@@ -365,7 +365,7 @@ def test_the_whole_job_in_chromium_upload_train_reopen_chat_export(studio, tmp_p
         page.wait_for_function("document.getElementById('err-lora-r').textContent.includes('--lora-r must be at least 1')")
         page.fill("#f-lora-r", "8")
         for field, value in (("data", name), ("epochs", "1"), ("batch_size", "2"), ("lora-train_tokens", "none"), ("report_to", "none"),
-                             ("turn_end_budget", "0")):
+                             ("turn_end_budget", "0"), ("augment", "0")):
             page.fill(f"#f-{field}", value)
         page.click("#start-train")
         page.wait_for_function("document.getElementById('chart-job').textContent.includes('browser-run')"  # its chart, not an earlier run's

@@ -114,8 +114,8 @@ def test_metadata_records_base_data_settings_and_losses(tiny_adapter, tiny_base)
                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                             "use_rslora": False, "use_dora": False, "train_tokens": ["<start_of_turn>", "<end_of_turn>"]}
     assert meta["training"]["steps"] == 3 and len(meta["loss_per_step"]) == 3
-    assert meta["dataset"]["examples"] == 360 and len(meta["dataset"]["sha256"]) == 64
-    assert meta["dataset"]["used_per_split"] == {"train": 240, "validation": 48, "test": 72}
+    assert meta["dataset"]["examples"] == 840 and len(meta["dataset"]["sha256"]) == 64  # 360 pairs and 2 variants of each train question
+    assert meta["dataset"]["used_per_split"] == {"train": 720, "validation": 48, "test": 72}
     assert len(meta["validation_loss"]) == 1  # the run ended inside its first epoch
     assert meta["wall_time_seconds"] > 0
     assert {"torch", "transformers", "peft", "python"} <= set(meta["versions"])
@@ -207,9 +207,9 @@ def test_train_split_trains_and_validation_split_is_scored_each_epoch(tiny_base,
     out = tmp_path / "adapter"
     train(TrainSettings(base_model=str(tiny_base), data=(str(data),), output_dir=str(out), epochs=2, batch_size=3, lr=1e-2), show_progress=False)
     meta = json.loads((out / META_FILE).read_text())
-    assert meta["dataset"]["used_per_split"] == {"train": 6, "validation": 2, "test": 1}
-    assert len(meta["loss_per_step"]) == 4  # 6 train examples / batch 3 x 2 epochs: test never trained on
-    assert [v["step"] for v in meta["validation_loss"]] == [2, 4]
+    assert meta["dataset"]["used_per_split"] == {"train": 18, "validation": 2, "test": 1}  # 2 variants of each train question, none of the others
+    assert len(meta["loss_per_step"]) == 12  # 18 train examples / batch 3 x 2 epochs: test never trained on
+    assert [v["step"] for v in meta["validation_loss"]] == [6, 12]
     # the last validation loss is the saved adapter's answer loss on the two validation pairs
     from banklora.data.batching import collate
     from banklora.data.dataset import load_examples
@@ -234,14 +234,14 @@ def test_config_recipes_load_and_open_with_their_command(name):
     assert path.read_text().splitlines()[0] == f"# banklora train --config configs/{name}.yaml"
     settings = load_train_settings(path, {"epochs": 1.0, "lora": {"r": 4}})  # flags override the file
     assert settings.epochs == 1.0 and settings.lora.r == 4
-    if name == "cpu_quick":  # the quickstart's recipe: train's defaults for one epoch of their three
+    if name == "cpu_quick":  # the quickstart's recipe: train's defaults without the question variants
         from banklora.config import QUICKSTART
 
-        assert TrainSettings().epochs == 3.0
-        assert load_train_settings(path, {}).to_dict() == TrainSettings(epochs=1.0).to_dict() == TrainSettings(**QUICKSTART).to_dict()
+        assert (TrainSettings().epochs, TrainSettings().augment) == (1.0, 2)
+        assert load_train_settings(path, {}).to_dict() == TrainSettings(augment=0).to_dict() == TrainSettings(**QUICKSTART).to_dict()
     if name == "seed":  # the seed's literal settings
         seed = load_train_settings(path, {})
-        assert (seed.epochs, seed.lr, seed.batch_size, seed.max_length, seed.lora.r, seed.lora.alpha) == (3, 2e-4, 4, 512, 8, 32)
+        assert (seed.epochs, seed.lr, seed.batch_size, seed.max_length, seed.lora.r, seed.lora.alpha, seed.augment) == (3, 2e-4, 4, 512, 8, 32, 0)
 
 
 def test_config_errors_are_sentences(tmp_path):
