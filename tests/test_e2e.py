@@ -30,13 +30,15 @@ def test_the_first_step_trains_on_the_base_models_own_loss(adapter):
     """LoRA's B starts at zero, so step 1's loss is the base model's answer loss on that batch."""
     import torch
 
+    from banklora.data.augment import augment
     from banklora.data.batching import collate, epoch_batches
     from banklora.data.prepare import prepare
     from banklora.loss import answer_loss
 
     meta = json.loads((adapter / "banklora_meta.json").read_text())
     base = load("gemma-3-270m")
-    encoded = prepare(load_examples(["banking-seed"]), base.tokenizer, 256).split("train")[1]
+    examples = augment(load_examples(["banking-seed"]), meta["training"]["augment"])  # with train's question variants, as it trained
+    encoded = prepare(examples, base.tokenizer, 256).split("train")[1]
     first = epoch_batches([len(e) for e in encoded], 2, 42, 0, True)[0]
     mixed = meta["dtype"].startswith("bf16 autocast")  # CPUs with AVX512-BF16 or AMX train in mixed precision
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
