@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from banklora.config import TrainSettings, resumable_changes
+from banklora.config import BEFORE_IT_EXISTED, TrainSettings, resumable_changes
 from banklora.errors import BankloraError, UsageError
 from banklora.io import to_json
 
@@ -72,8 +72,8 @@ def check_resumable(found: Path, settings: dict, dataset_sha256: str, processes:
     sentence that says what differs (settings, data, or the number of processes)."""
     saved = TrainerState.read(found)
     now = json.loads(json.dumps(settings))  # tuples as lists, as the checkpoint stored them
-    # a setting newer than the checkpoint had its default then
-    defaults = json.loads(json.dumps(TrainSettings().to_dict()))
+    # a setting newer than the checkpoint had its default then (BEFORE_IT_EXISTED where that is not today's)
+    defaults = json.loads(json.dumps(TrainSettings().to_dict())) | BEFORE_IT_EXISTED
     then = defaults | {k: v for k, v in saved.settings.items() if k != "lora"} | {"lora": defaults["lora"] | saved.settings.get("lora", {})}
     allowed = resumable_changes()
     changed = sorted(k for k in set(now) | set(then) if k not in allowed and k != "lora" and now.get(k) != then.get(k))

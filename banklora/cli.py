@@ -541,7 +541,7 @@ def quickstart(*, flags: dict) -> None:
     It trains banklora's recipe on the built-in train split without its question variants (240
     pairs once at lr 1e-3, Gemma's turn tokens trained: 60 steps), so the whole run fits in 10
     minutes on 2 cores; `banklora train` adds 2 variants of each question (180 steps), whose
-    answers loop less and know the held-out answers better (docs/training.md). The compare
+    answers loop less and know more of the taught facts (docs/training.md). The compare
     answers the seed's 8 questions and scores the banking-mcq knowledge test. An interrupted
     quickstart continues where it stopped.
     """
@@ -566,7 +566,7 @@ def quickstart(*, flags: dict) -> None:
     console.print(f"chat with it:      banklora chat --model-path {output_dir}", soft_wrap=True)
     console.print(f"serve it:          banklora serve --model-path {output_dir}", soft_wrap=True)
     console.print("                   (OpenAI API at http://127.0.0.1:8000/v1, web chat at /)")
-    console.print("a better adapter:  banklora train   (the recipe with 2 variants of each question, ~15 min on 2 cores)")
+    console.print("a better adapter:  banklora train   (the recipe with 2 variants of each question, ~12 min on 2 cores)")
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import torch
 
 from banklora import basemodel, card, checkpoint, destination, kernels, loss, progress, tracking
 from banklora.checkpoint import StopRequest, TrainerState, TrainingInterrupted  # noqa: F401  (TrainingInterrupted: part of the API)
-from banklora.config import TrainSettings, load_train_settings
+from banklora.config import BEFORE_IT_EXISTED, TrainSettings, load_train_settings
 from banklora.data.batching import collate, epoch_batches
 from banklora.data.augment import augment
 from banklora.data.dataset import dataset_hash, load_examples, source_paths
@@ -84,7 +84,7 @@ def resolve_settings(config_file: Path | None, overrides: dict, resume: Resume) 
     settings = load_train_settings(config_file, overrides)
     found = checkpoint.latest(settings.checkpoints) if resume in (True, "auto") else None
     if found is not None:
-        settings = load_train_settings(config_file, overrides, base=TrainerState.read(found).settings)
+        settings = load_train_settings(config_file, overrides, base=BEFORE_IT_EXISTED | TrainerState.read(found).settings)
     return settings
 
 
@@ -156,15 +156,16 @@ def _setup_data(settings: TrainSettings) -> tuple[list, Prepared, list, list, ob
     """1) the data, checked (privacy, duplicates, lengths, --strict) before any weights load."""
     examples = load_examples(settings.data)
     if settings.augment:
-        before = len(examples)
-        examples = augment(examples, settings.augment)
-        if len(examples) == before:
-            raise UsageError(f"--augment {settings.augment}: none of the training examples could be varied (conversations in chat format "
-                             "are not; only single questions are); drop --augment")
         from accelerate import PartialState
 
-        if PartialState().is_main_process:
-            log.info("--augment %d: %d question variants added to the training split", settings.augment, len(examples) - before)
+        before = len(examples)
+        examples = augment(examples, settings.augment)
+        if PartialState().is_main_process and any(e.split == "train" for e in examples):
+            if len(examples) > before:
+                log.info("--augment %d: %d question variants added to the training split", settings.augment, len(examples) - before)
+            else:
+                log.warning("--augment %d: none of the training examples could be varied (conversations in chat format and variants "
+                            "already made by banklora data augment are not); training on them as written", settings.augment)
     tokenizer = load_tokenizer(settings.base_model)
     train_token_ids(tokenizer, settings.lora.train_tokens)  # a token the tokenizer lacks: a sentence before any weights load
     data = prepare(examples, tokenizer, settings.max_length, strict=settings.strict, redact=settings.redact)

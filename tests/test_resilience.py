@@ -15,12 +15,13 @@ from banklora import checkpoint
 from banklora.config import LoraSettings, TrainSettings
 from banklora.errors import BankloraError, UsageError
 from banklora.modeling import META_FILE, load
-from banklora.train import TrainingInterrupted, train
+from banklora.train import TrainingInterrupted, resolve_settings, train
 from conftest import cli, run_cli
 
 
 def _settings(tiny_base, small_data, out, **kw):
-    values = dict(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(out), epochs=2, batch_size=2, lr=1e-2, save_every=2)
+    values = dict(base_model=str(tiny_base), data=(str(small_data),), output_dir=str(out), epochs=2, batch_size=2, lr=1e-2, save_every=2,
+                  augment=0)  # the 6 pairs as written: 6 steps (the resume test below trains with the variants)
     return TrainSettings(**(values | kw))
 
 
@@ -38,9 +39,9 @@ def _interrupt_at(step):
 
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_base, small_data, tmp_path):
     # dropout 0.1 is on: the resumed run must also restore the random state, not only weights and optimizer
-    whole = train(_settings(tiny_base, small_data, tmp_path / "whole"), show_progress=False)
+    whole = train(_settings(tiny_base, small_data, tmp_path / "whole", augment=2), show_progress=False)
 
-    settings = _settings(tiny_base, small_data, tmp_path / "parts")
+    settings = _settings(tiny_base, small_data, tmp_path / "parts", augment=2)  # train's default: the pairs and 2 variants of each
     with pytest.raises(TrainingInterrupted, match=r"stopped at step 4 of 18.*--resume"):
         train(settings, show_progress=False, on_step=_interrupt_at(4))
     assert not (tmp_path / "parts").exists()  # no adapter before the run ends
@@ -79,7 +80,9 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_with_its_default(tiny_ba
     state = checkpoint.latest(settings.checkpoints) / checkpoint.STATE_FILE
     raw = json.loads(state.read_text())
     del raw["settings"]["unlikelihood"], raw["settings"]["lora"]["use_dora"]  # written before these settings existed
+    del raw["settings"]["augment"]  # a run then trained on the pairs as written, whatever today's default
     state.write_text(json.dumps(raw))
+    assert resolve_settings(None, {"output_dir": str(tmp_path / "run")}, True).augment == 0  # a resume without the flag keeps it
     assert train(settings, show_progress=False, resume=True).meta["training"]["resumed_at_step"] == 2
     with pytest.raises(TrainingInterrupted):
         train(_settings(tiny_base, small_data, tmp_path / "other", max_steps=3), show_progress=False, on_step=_interrupt_at(2))

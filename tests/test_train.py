@@ -79,10 +79,17 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_ba
     assert not torch.allclose(a, base, atol=1e-4)  # the adapter does change the model
 
 
-def test_loading_an_adapter_with_trained_turn_rows_warns_of_no_missing_keys(tiny_adapter):
-    # PEFT saves the turn-token rows once, under the tied embedding, and warned on every load of an adapter
-    # whose name holds "lora_" (its LoRA prefix, so the default lora_banking) that the LM head's copy was
+def test_loading_an_adapter_with_trained_turn_rows_warns_of_no_missing_keys(tiny_adapter, tiny_base, monkeypatch):
+    # PEFT saves the turn-token rows once, under the tied embedding, and warns on every load of an adapter
+    # whose name holds "lora_" (its LoRA prefix, so the default lora_banking) that the LM head's copy is
     # missing: every quickstart's compare printed it. The head shares the rows.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tiny_adapter, adapter_name="lora_banking")
+    assert any("missing adapter keys" in str(w.message) for w in plain)  # PEFT's own load does warn
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = load(str(tiny_adapter), dtype="fp32", names=("lora_banking",))
@@ -92,18 +99,18 @@ def test_loading_an_adapter_with_trained_turn_rows_warns_of_no_missing_keys(tiny
     assert head.trainable_tokens_delta["lora_banking"] is embed.trainable_tokens_delta["lora_banking"]  # the head does use the trained rows
     assert not torch.equal(embed.trainable_tokens_delta["lora_banking"], embed.trainable_tokens_original["lora_banking"])
 
+    lost = "Found missing adapter keys while loading the checkpoint: ['base_model.model.model.layers.0.self_attn.q_proj.lora_A.lora_banking.weight']."
+    original = PeftModel.from_pretrained.__func__
 
-def test_a_missing_key_that_is_not_a_tied_head_row_is_still_reported(tiny_adapter):
-    from banklora.modeling import _only_tied_head_rows_missing
+    def losing(cls, *args, **kwargs):  # a load that does miss a key: still reported
+        warnings.warn(lost)
+        return original(cls, *args, **kwargs)
 
-    model = load(str(tiny_adapter), dtype="fp32").model
-    tied = "['base_model.model.lm_head.token_adapter.trainable_tokens_delta.tiny']"
-    assert _only_tied_head_rows_missing(model, f"Found missing adapter keys while loading the checkpoint: {tied}.")
-    lost = "['base_model.model.model.layers.0.self_attn.q_proj.lora_A.tiny.weight']"
-    assert not _only_tied_head_rows_missing(model, f"Found missing adapter keys while loading the checkpoint: {lost}.")
-    assert not _only_tied_head_rows_missing(model, "Found missing adapter keys while loading the checkpoint: "
-                                                   "['base_model.model.lm_head.token_adapter.trainable_tokens_delta.other'].")
-    assert not _only_tied_head_rows_missing(model, "some other warning")
+    monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(losing))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load(str(tiny_adapter), dtype="fp32", names=("lora_banking",))
+    assert [str(w.message) for w in caught if "missing adapter keys" in str(w.message)] == [lost]
 
 
 def test_metadata_records_base_data_settings_and_losses(tiny_adapter, tiny_base):
@@ -483,11 +490,25 @@ def test_augment_trains_on_question_variants_of_the_training_split_only(tiny_bas
     assert meta["dataset"]["used_per_split"] == {"train": 18, "validation": 2, "test": 0}  # 6 pairs and 2 variants of each; validation as it was
     assert meta["training"]["augment"] == 2 and meta["training"]["steps"] == 9  # one epoch over 18 at batch 2
     assert "2 question variants of each training example" in (tmp_path / "augmented" / "README.md").read_text()
-    for bad in (-1, 5):
+    for bad in (-1, 5, True, 1.5):
         with pytest.raises(UsageError, match="--augment"):
             TrainSettings(augment=bad)
-    chats = tmp_path / "chats.jsonl"  # nothing to vary: said before any weights load, nothing written
+
+
+def test_augment_leaves_conversations_and_earlier_variants_as_they_are(tiny_base, small_data, tmp_path, caplog):
+    from banklora.data.augment import augment
+    from banklora.data.dataset import load_examples
+
+    once = augment(load_examples([str(small_data)]), 2)
+    assert len(augment(once, 2)) == len(once) == 20  # 6 pairs, 12 variants, 2 validation: a file `data augment` wrote gains nothing again
+    chats = tmp_path / "chats.jsonl"  # chat-format data under the default: trained as written, with a warning
     chats.write_text(json.dumps({"messages": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}, ensure_ascii=False) + "\n")
-    with pytest.raises(UsageError, match="--augment 1: none of the training examples could be varied"):
-        train(TrainSettings(base_model=str(tiny_base), data=(str(chats),), output_dir=str(tmp_path / "none"), augment=1), show_progress=False)
-    assert not (tmp_path / "none").exists()
+    with caplog.at_level("WARNING", logger="banklora.train"):
+        meta = train(TrainSettings(base_model=str(tiny_base), data=(str(chats),), output_dir=str(tmp_path / "chats"), max_steps=1,
+                                   turn_end_budget=0, report_to=("none",)), show_progress=False).meta
+    assert meta["dataset"]["used_per_split"]["train"] == 1
+    assert "--augment 2: none of the training examples could be varied" in caplog.text
+    pii = tmp_path / "pii.jsonl"  # a variant's finding names its source line and says it is a variant
+    pii.write_text(json.dumps({"instruction": "如何办理挂失？我的手机号13812345678", "output": "请到网点办理。"}, ensure_ascii=False) + "\n")
+    with pytest.raises(UsageError, match=r"pii\.jsonl:1 \(question variant 1\)"):
+        train(TrainSettings(base_model=str(tiny_base), data=(str(pii),), output_dir=str(tmp_path / "pii")), show_progress=False)

@@ -7,6 +7,7 @@ augmented dataset can be rebuilt and its hash compared.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from banklora.data.dataset import Example
@@ -41,6 +42,9 @@ TEMPLATES_ZH = ("请问，{q}", "{q}麻烦详细说明一下。", "想咨询一�
 TEMPLATES_EN = ("Could you tell me: {q}", "{q} Please explain the steps.", "Quick question: {q}")
 
 
+_VARIANT_ID = re.compile(r"-aug\d+$")  # the id variants() gives
+
+
 def _swap(text: str, pairs) -> str | None:
     """Replace the first term of the table that occurs in `text` (either direction), else None."""
     for a, b in pairs:
@@ -53,8 +57,8 @@ def _swap(text: str, pairs) -> str | None:
 
 def variants(example: Example, count: int = 2) -> list[Example]:
     """Up to `count` new phrasings of a training example's question (same answer)."""
-    if example.split != "train" or example.messages:
-        return []
+    if example.split != "train" or example.messages or _VARIANT_ID.search(example.id or ""):
+        return []  # a variant `data augment` wrote is not varied again
     en = example.language == "en"
     synonyms, templates = (SYNONYMS_EN, TEMPLATES_EN) if en else (SYNONYMS_ZH, TEMPLATES_ZH)
     seed = sum(map(ord, example.id or example.instruction))  # deterministic template choice
@@ -69,13 +73,19 @@ def variants(example: Example, count: int = 2) -> list[Example]:
     for i, text in enumerate(texts):
         if text not in seen and len(out) < count:
             seen.add(text)
-            out.append(replace(example, instruction=text, id=f"{example.id or 'example'}-aug{len(out) + 1}"))
+            out.append(replace(example, instruction=text, id=f"{example.id or 'example'}-aug{len(out) + 1}",
+                               source=f"{example.source} (question variant {len(out) + 1})" if example.source else ""))
     return out
 
 
 def augment(examples: list[Example], count: int = 2) -> list[Example]:
-    """The examples followed by variants of each training example."""
+    """The examples followed by variants of each training example, none the same question as one
+    already there (so a file this wrote, augmented again, gains nothing)."""
     out = list(examples)
+    asked = {(e.instruction, e.input) for e in examples}
     for e in examples:
-        out += variants(e, count)
+        for v in variants(e, count):
+            if (v.instruction, v.input) not in asked:
+                asked.add((v.instruction, v.input))
+                out.append(v)
     return out
