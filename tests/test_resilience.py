@@ -191,7 +191,7 @@ def test_low_memory_trains_the_same_run(tiny_base, small_data, tmp_path):
     # in its own process: --low-memory tunes the allocator of the process it runs in
     default = train(_settings(tiny_base, small_data, tmp_path / "default", epochs=1), show_progress=False)
     done = run_cli("train", "--base-model", str(tiny_base), "--data", str(small_data), "--output-dir", str(tmp_path / "low"),
-                   "--epochs", "1", "--batch-size", "2", "--lr", "1e-2", "--low-memory", timeout=600)
+                   "--epochs", "1", "--batch-size", "2", "--lr", "1e-2", "--augment", "0", "--low-memory", timeout=600)
     assert done.returncode == 0, done.stderr
     meta = json.loads((tmp_path / "low" / "banklora_meta.json").read_text())
     assert meta["training"]["low_memory"] is True
