@@ -121,8 +121,8 @@ def test_metadata_records_base_data_settings_and_losses(tiny_adapter, tiny_base)
                             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                             "use_rslora": False, "use_dora": False, "train_tokens": ["<start_of_turn>", "<end_of_turn>"]}
     assert meta["training"]["steps"] == 3 and len(meta["loss_per_step"]) == 3
-    assert meta["dataset"]["examples"] == 840 and len(meta["dataset"]["sha256"]) == 64  # 360 pairs and 2 variants of each train question
-    assert meta["dataset"]["used_per_split"] == {"train": 720, "validation": 48, "test": 72}
+    assert meta["dataset"]["examples"] == 360 and len(meta["dataset"]["sha256"]) == 64
+    assert meta["dataset"]["used_per_split"] == {"train": 240, "validation": 48, "test": 72}
     assert len(meta["validation_loss"]) == 1  # the run ended inside its first epoch
     assert meta["wall_time_seconds"] > 0
     assert {"torch", "transformers", "peft", "python"} <= set(meta["versions"])
