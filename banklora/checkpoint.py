@@ -64,6 +64,7 @@ class TrainerState:
             raise UsageError(f"{path}: unreadable checkpoint state ({exc}); delete {directory} and resume from an older one") from exc
         if raw.pop("format", None) != FORMAT:
             raise UsageError(f"{path}: not a {FORMAT} checkpoint")
+        raw["settings"] = BEFORE_IT_EXISTED | raw.get("settings", {})  # what the run trained with before a setting existed
         return cls(**raw)
 
 
@@ -72,8 +73,8 @@ def check_resumable(found: Path, settings: dict, dataset_sha256: str, processes:
     sentence that says what differs (settings, data, or the number of processes)."""
     saved = TrainerState.read(found)
     now = json.loads(json.dumps(settings))  # tuples as lists, as the checkpoint stored them
-    # a setting newer than the checkpoint had its default then (BEFORE_IT_EXISTED where that is not today's)
-    defaults = json.loads(json.dumps(TrainSettings().to_dict())) | BEFORE_IT_EXISTED
+    # a setting newer than the checkpoint had its default then (read() filled in those whose default changed since)
+    defaults = json.loads(json.dumps(TrainSettings().to_dict()))
     then = defaults | {k: v for k, v in saved.settings.items() if k != "lora"} | {"lora": defaults["lora"] | saved.settings.get("lora", {})}
     allowed = resumable_changes()
     changed = sorted(k for k in set(now) | set(then) if k not in allowed and k != "lora" and now.get(k) != then.get(k))

@@ -221,10 +221,11 @@ def load(
 
         # PEFT cannot load an adapter without trained token rows after one with them (a KeyError on the token
         # wrapper's delta; the other order works): those load first. The first one named stays active.
-        order = sorted(range(len(adapters)), key=lambda i: bool(adapter_config(adapters[i]).get("trainable_token_indices")))
+        rows = [bool(adapter_config(a).get("trainable_token_indices")) for a in adapters]
+        order = sorted(range(len(adapters)), key=lambda i: rows[i])
         with warnings.catch_warnings():
             for i in order:  # PEFT saves trained token rows once, under the tied embedding, then misses the head's copy
-                if adapter_config(adapters[i]).get("trainable_token_indices"):
+                if rows[i]:
                     warnings.filterwarnings("ignore", category=UserWarning, message=re.escape(_TIED_HEAD_ROWS.format(name=names[i])) + r"\Z")
             model = PeftModel.from_pretrained(model, adapters[order[0]], adapter_name=names[order[0]], is_trainable=False)
             for i in order[1:]:

@@ -23,7 +23,7 @@ import torch
 
 from banklora import basemodel, card, checkpoint, destination, kernels, loss, progress, tracking
 from banklora.checkpoint import StopRequest, TrainerState, TrainingInterrupted  # noqa: F401  (TrainingInterrupted: part of the API)
-from banklora.config import BEFORE_IT_EXISTED, TrainSettings, load_train_settings
+from banklora.config import TrainSettings, load_train_settings
 from banklora.data.batching import collate, epoch_batches
 from banklora.data.augment import augment
 from banklora.data.dataset import dataset_hash, load_examples, source_paths
@@ -84,7 +84,7 @@ def resolve_settings(config_file: Path | None, overrides: dict, resume: Resume) 
     settings = load_train_settings(config_file, overrides)
     found = checkpoint.latest(settings.checkpoints) if resume in (True, "auto") else None
     if found is not None:
-        settings = load_train_settings(config_file, overrides, base=BEFORE_IT_EXISTED | TrainerState.read(found).settings)
+        settings = load_train_settings(config_file, overrides, base=TrainerState.read(found).settings)
     return settings
 
 
