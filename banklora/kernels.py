@@ -114,7 +114,10 @@ def with_token_rows(layer, x: torch.Tensor, base: torch.Tensor, ids: torch.Tenso
         scale = getattr(layer, "embed_scale", 1.0)
         trained = rows[hit.to(torch.uint8).argmax(-1)] * (scale.to(rows.dtype) if torch.is_tensor(scale) else scale)
         return torch.where(hit.any(-1, keepdim=True), trained.to(base.dtype), base)
-    return base.index_copy(-1, ids, (x.to(rows.dtype) @ rows.T).to(base.dtype))
+    rows_out = (x.to(rows.dtype) @ rows.T).to(base.dtype)
+    if not torch.is_grad_enabled():  # answering: `base` is the layer's fresh output, written in place (no copy of all the logits)
+        return base.index_copy_(-1, ids, rows_out)
+    return base.index_copy(-1, ids, rows_out)
 
 
 def _token_rows_forward(self, x: torch.Tensor, active_adapters, *args, **kwargs) -> torch.Tensor:

@@ -248,19 +248,37 @@ def test_frozen_in_bf16_puts_the_fp32_weights_back(tiny_adapter):
     assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in loaded.model.named_parameters())
 
 
-def test_bf16_weights_decode_one_row_through_their_lossless_fp16_copies(tiny_adapter):
-    """A merged model in bf16 (chat on a CPU with native bf16): every linear layer, the LM head
-    included, holds an fp16 copy equal to its bf16 weight (fp16 carries bf16's significant bits),
-    which one or two decoding rows read (a single row reads at the memory's speed in fp16, not in
-    bf16); more rows read the bf16 weight; an fp16 product out of range is redone in bf16."""
+ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _check_lossless_fp16_copy(m) -> None:
+    """exact in fp16's normal range (|w| >= 2^-14; the embedded 270M's weights all are), off by a subnormal step below"""
+    back, normal = m.weight16.to(torch.bfloat16), m.weight.abs() >= 2**-14
+    assert m.weight.dtype == torch.bfloat16 and torch.equal(back[normal], m.weight[normal])
+    assert (back.float() - m.weight.float()).abs().max() <= 2**-24
+
+
+def _check_overflow_falls_back(layer) -> None:
+    x = torch.randn(1, layer.in_features, dtype=torch.bfloat16)
+    x[0, 0] = 1e6  # beyond fp16's range
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight)) and torch.isfinite(layer(x)).all()
+
+
+def test_bf16_weights_decode_one_row_through_their_lossless_fp16_copies(tiny_adapter, monkeypatch):
+    """A merged model in bf16 (chat on a CPU with native bf16) where oneDNN has no packed bf16 layout:
+    every linear layer, the LM head included, holds an fp16 copy equal to its bf16 weight (fp16 carries
+    bf16's significant bits), which one or two decoding rows read (a single row reads at the memory's
+    speed in fp16, not in bf16); more rows read the bf16 weight; an fp16 product out of range is redone in bf16."""
+    from banklora.inference import fast_paths
+
+    monkeypatch.setattr(fast_paths, "packed_bf16", lambda weight: None)
     merged = load(str(tiny_adapter), dtype="bf16", serve=MERGED)
     layers = [m for m in merged.model.modules() if isinstance(m, DecodeLinear)]
     assert merged.model.get_output_embeddings() in layers
     assert len(layers) == 7 * merged.model.config.num_hidden_layers + 1
-    for m in layers:  # exact in fp16's normal range (|w| >= 2^-14; the embedded 270M's weights all are), off by a subnormal step below
-        back, normal = m.weight16.to(torch.bfloat16), m.weight.abs() >= 2**-14
-        assert m.weight.dtype == torch.bfloat16 and torch.equal(back[normal], m.weight[normal])
-        assert (back.float() - m.weight.float()).abs().max() <= 2**-24
+    for m in layers:
+        assert m.packed is None
+        _check_lossless_fp16_copy(m)
     layer = layers[0]
     torch.manual_seed(0)
     for rows in (1, 2, 5, 40):
@@ -269,9 +287,37 @@ def test_bf16_weights_decode_one_row_through_their_lossless_fp16_copies(tiny_ada
         plain = torch.nn.functional.linear(x, layer.weight)
         assert torch.equal(layer(x), via16 if rows <= 2 else plain), rows
         assert torch.allclose(layer(x).float(), x.float() @ layer.weight.float().T, rtol=2e-2, atol=2e-2)
-    x = torch.randn(1, layer.in_features, dtype=torch.bfloat16)
-    x[0, 0] = 1e6  # beyond fp16's range
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight)) and torch.isfinite(layer(x)).all()
+    _check_overflow_falls_back(layer)
+
+
+@pytest.mark.skipif(not ONEDNN_BF16, reason="this CPU or torch has no oneDNN bf16 kernels to pack weights for")
+def test_bf16_weights_take_onednn_packed_copies_with_the_same_products(tiny_adapter):
+    """Where oneDNN packs bf16 weights: the decoder's layers hold the packed copy and no fp16 copy, and
+    every product (one row, a decoding step's few, a prompt's many) equals F.linear over the bf16
+    weight to the bit; the LM head keeps its lossless fp16 copy for one or two rows (faster there)
+    and reads the packed copy for more. Under autograd the plain weight is read (the packed op has
+    no backward)."""
+    merged = load(str(tiny_adapter), dtype="bf16", serve=MERGED)
+    head = merged.model.get_output_embeddings()
+    layers = [m for m in merged.model.modules() if isinstance(m, DecodeLinear)]
+    assert len(layers) == 7 * merged.model.config.num_hidden_layers + 1 and head in layers
+    assert all(m.packed is not None for m in layers)
+    assert all(m.weight16 is None for m in layers if m is not head)
+    _check_lossless_fp16_copy(head)
+    torch.manual_seed(0)
+    for layer in (layers[0], layers[5], head):
+        for rows in (1, 2, 5, 16, 40):
+            x = torch.randn(rows, 3, layer.in_features, dtype=torch.bfloat16)[:, 1]  # a strided view, as transformers hands some
+            plain = torch.nn.functional.linear(x, layer.weight)
+            with torch.inference_mode():
+                got = layer(x)
+            if layer is head and rows <= 2:
+                plain = torch.nn.functional.linear(x.half(), layer.weight16).to(torch.bfloat16)
+            assert torch.equal(got, plain), (rows, (got.float() - plain.float()).abs().max())
+    x = torch.randn(4, layers[0].in_features, dtype=torch.bfloat16, requires_grad=True)
+    layers[0](x).sum().backward()
+    assert torch.equal(x.grad, layers[0].weight.sum(0).expand_as(x).to(x.grad.dtype))
+    _check_overflow_falls_back(head)
 
 
 def test_quantize_int8_decodes_with_int8_weights_and_prefills_in_bf16(tiny_adapter, tokenizer, monkeypatch):
@@ -351,13 +397,15 @@ def test_quantize_int8_is_refused_where_it_cannot_work(tiny_base, monkeypatch):
 
 
 def test_stacked_adapters_decode_one_row_through_the_fp16_copies(tiny_adapter, tokenizer):
-    """The server's single stream in bf16: the base layers under the stacked adapters and the head
-    (the base layer of the head with trained rows) read lossless fp16 copies for one row, and the
-    logits stay PEFT's to bf16 rounding."""
+    """The server's single stream in bf16: the head (the base layer of the head with trained rows)
+    reads a lossless fp16 copy for one row, the base layers under the stacked adapters oneDNN's packed
+    copies (an fp16 copy where oneDNN packs no bf16), and the logits stay PEFT's to bf16 rounding."""
     peft = load(str(tiny_adapter), dtype="bf16")
     stacked = load(str(tiny_adapter), dtype="bf16", serve=ServingSettings(stacked=True))
     head = token_rows(stacked.model.get_output_embeddings())[0]
     assert isinstance(head, DecodeLinear) and head.weight16 is not None
+    stacks = [m._banklora_stack for m in stacked.model.modules() if hasattr(m, "_banklora_stack")]
+    assert stacks and all((s.packed is not None and s.weight16 is None) if ONEDNN_BF16 else s.weight16 is not None for s in stacks)
     ids = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")[-1:]])
     with torch.no_grad():
         a = peft.model(input_ids=ids, adapter_names=["tiny"]).logits.float()
