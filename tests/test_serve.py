@@ -661,8 +661,8 @@ def _answer_tokens(loaded, prompts: list[list[int]], params: list) -> list[list[
     tokens = {id(r): [] for r in requests}
     advance = engine._advance
 
-    def recording(row, logits):
-        advance(row, logits)
+    def recording(row, logits, greedy=None):
+        advance(row, logits, greedy)
         tokens[id(row.request)] = list(row.generated)
 
     engine._advance = recording

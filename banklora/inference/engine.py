@@ -123,19 +123,47 @@ class Engine:
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, slots], 1 where a slot holds a real token
+        self._fp32: torch.Tensor | None = None  # the step's logits in fp32 (_advance_rows), kept across steps
         self._stopping = False
         self._replacement = None  # (model, peft) to answer with from the next step on
+        self._here = False  # run_here drives the worker: start() starts no thread
         self._thread = threading.Thread(target=self._loop, name="banklora-engine", daemon=True)
 
     # ------------------------------------------------------------------ the public side
     def start(self) -> None:
-        self._thread.start()
+        """Run the worker in a thread of its own, unless run_here drives it."""
+        if not self._here:
+            self._thread.start()
+
+    def run_here(self, ready: Callable[[], None] | None = None) -> None:
+        """Run the worker in the calling thread until shutdown(); `ready` is called first (the server
+        starts its HTTP thread there). On a CPU the calling thread should be the process's first one:
+        torch's OpenMP threads (libgomp) spin between parallel regions only while no more threads are
+        managed than there are cores, and the team of any other thread makes one more, so every one
+        of a decoding step's ~400 small parallel products waits for its threads to wake up (measured
+        on 2 cores: a 16-row step 139 ms in a thread of its own, 73 ms on the main thread)."""
+        self._here = True
+        if ready is not None:
+            ready()
+        self._loop()
+
+    def step(self) -> bool:
+        """One step in the calling thread (chat's stream): admit what fits, prefill or decode.
+        False when nothing was waiting or running."""
+        with self._wake:
+            if not self._waiting and not self._rows:
+                return False
+            admitted = self._admit()
+        with torch.inference_mode():
+            self._step(admitted)
+        return True
 
     def shutdown(self) -> None:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
         with self._wake:
@@ -223,7 +251,7 @@ class Engine:
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
             cache_position=torch.arange(slots, slots + ids.shape[1], device=self.device), logits_to_keep=1, **kwargs,
         )
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :]  # in the head's dtype: _advance_rows converts it
 
     def _prefill(self, requests: list[Request]) -> None:
         now = time.perf_counter()
@@ -242,8 +270,7 @@ class Engine:
             if r.params.penalized:
                 rows[-1].counts = dict.fromkeys(r.prompt, 0)
         self._join(rows, cache, mask)
-        for row, row_logits in zip(rows, logits):
-            self._advance(row, row_logits)
+        self._advance_rows(rows, logits)
 
     def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Add prefilled rows to the running batch, left-padding whichever side is shorter."""
@@ -270,21 +297,41 @@ class Engine:
         mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype, device=self.device)], dim=1)
         logits = self._forward(ids, mask, positions, self._cache, [row.request.adapter for row in self._rows])
         self._mask = mask
-        for row, row_logits in zip(self._rows, logits):
+        for row in self._rows:
             row.position += 1
-            self._advance(row, row_logits)
+        self._advance_rows(self._rows, logits)
 
-    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
-        """Pick the row's next token; send the text that is now certain; finish the row if it ended."""
+    def _advance_rows(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Advance every row by its logits (rows x vocab, in the head's dtype), converted to fp32 in one
+        buffer kept across steps: a fresh (16, 262,144) fp32 tensor at every step cost a 16-row decoding
+        step ~15 ms (measured), its copy into a buffer whose pages are already there 0.3 ms. The greedy
+        rows without penalties take one argmax over the batch (2.2 ms for 16 rows, 3.8 row by row;
+        over bf16 logits torch's argmax takes 7.6)."""
+        if logits.dtype != torch.float32:
+            n, vocab = logits.shape
+            if self._fp32 is None or self._fp32.shape[0] < n or self._fp32.shape[1] != vocab:
+                self._fp32 = torch.empty((max(n, self.max_batch_size), vocab), dtype=torch.float32, device=logits.device)
+            logits = self._fp32[:n].copy_(logits)
+        plain = [row.request.params.temperature == 0 and not row.request.params.penalized for row in rows]
+        best = logits.argmax(dim=-1).tolist() if any(plain) else None
+        for i, row in enumerate(rows):
+            self._advance(row, logits[i], best[i] if plain[i] else None)
+
+    def _advance(self, row: _Row, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Pick the row's next token (`greedy` when already chosen); send the text that is now
+        certain; finish the row if it ended."""
         if row.request.cancelled.is_set():
             row.done = True
             return
         params = row.request.params
-        if row.counts is not None:
-            tokens = torch.tensor(list(row.counts), device=logits.device)
-            counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
-            apply_penalties(logits, tokens, counts, params.frequency_penalty, params.presence_penalty, params.repetition_penalty)
-        token = _sample(logits, params, row.generator)
+        if greedy is not None:
+            token = greedy
+        else:
+            if row.counts is not None:
+                tokens = torch.tensor(list(row.counts), device=logits.device)
+                counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
+                apply_penalties(logits, tokens, counts, params.frequency_penalty, params.presence_penalty, params.repetition_penalty)
+            token = _sample(logits, params, row.generator)
         if row.request.first_token is None:
             row.request.first_token = time.perf_counter()
         finish = None

@@ -80,8 +80,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], settings: Generat
 
 
 class Stream:
-    """One streamed answer on the generation engine (the one compare and the server run), in a
-    worker thread of its own: iterate for text pieces; cancel() stops it after the current token."""
+    """One streamed answer on the generation engine (the one compare and the server run), stepped
+    in the thread that iterates (Engine.run_here says why not in a thread of its own): iterate for
+    text pieces; cancel() stops it, and what was generated so far stays in .text."""
 
     def __init__(self, model, tokenizer, prompt: list[int], settings: GenerationSettings) -> None:
         from banklora.inference.engine import Engine, Request
@@ -91,25 +92,23 @@ class Stream:
         self._engine = Engine(model, tokenizer, peft=False, max_batch_size=1, max_queue=1)
         self._request = Request(prompt=list(prompt), adapter=None, params=_params(settings), sink=self._events.put)
         self._engine.submit(self._request)
-        self._engine.start()
 
     def __iter__(self) -> Iterator[str]:
-        try:
-            while True:
-                event = self._events.get()
-                if event.error:
-                    raise RuntimeError(event.error)
-                if event.text:
-                    self.text += event.text
-                    yield event.text
-                if event.finish_reason:
+        while True:
+            while self._events.empty():
+                if not self._engine.step():  # cancelled: nothing left to answer
                     return
-        finally:
-            self._engine.shutdown()
+            event = self._events.get()
+            if event.error:
+                raise RuntimeError(event.error)
+            if event.text:
+                self.text += event.text
+                yield event.text
+            if event.finish_reason:
+                return
 
     def cancel(self) -> None:
-        """Stop after the current token; what was generated so far stays in .text."""
+        """Stop here; what was generated so far stays in .text."""
         self._request.cancel()
-        self._engine.shutdown()
         while not self._events.empty():
             self.text += self._events.get().text
