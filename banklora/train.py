@@ -29,7 +29,7 @@ from banklora.data.augment import augment
 from banklora.data.dataset import dataset_hash, load_examples, source_paths
 from banklora.data.prepare import Prepared, prepare
 from banklora.errors import BankloraError, UsageError
-from banklora.inference.fast_paths import contiguous_head_input
+from banklora.inference.fast_paths import contiguous_head_input, packed_linears
 from banklora.modeling import META_FILE, add_lora, frozen_in_bf16, load, load_tokenizer, mixed_precision, save_adapter, train_token_ids
 
 log = logging.getLogger(__name__)
@@ -456,7 +456,7 @@ def _turn_end(run: _Run) -> dict:
     # a run in bf16 mixed precision is checked with bf16 weights, as compare, chat and serve load it here; the LM
     # head takes its input contiguous, as the loader arranges for answering (measured: the check 45 -> 24 s on 16 answers)
     contiguous_head_input(run.peft_model)
-    with frozen_in_bf16(run.peft_model) if run.precision == "bf16" else contextlib.nullcontext():
+    with frozen_in_bf16(run.peft_model) if run.precision == "bf16" else contextlib.nullcontext(), packed_linears(run.peft_model):
         result = turn_end.check(run.peft_model, run.loaded.tokenizer, run.data.split("validation")[0], budget=run.settings.turn_end_budget)
     log.info("turn-end check on %d validation examples (%.0f s): %s", result.prompts, time.perf_counter() - start, result.summary())
     if result.warning():

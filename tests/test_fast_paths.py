@@ -417,3 +417,30 @@ def test_chat_answers_with_quantize_int8(tiny_adapter):
     result = cli("chat", "--model-path", str(tiny_adapter), "--dtype", "bf16", "--quantize", "int8", "--prompt", "你好",
                  "--max-new-tokens", "4", "--temperature", "0", "--no-stream")
     assert result.returncode == 0 and result.stdout.strip()
+
+
+@pytest.mark.skipif(not ONEDNN_BF16, reason="this CPU or torch has no oneDNN bf16 kernels to pack weights for")
+def test_packed_linears_answer_with_the_same_logits_and_put_the_layers_back(tiny_adapter, tokenizer):
+    """compare's answers and the turn-end check (a PeftModel with fp32 weights, answered in bf16):
+    inside packed_linears every frozen bf16 linear, the base layers under LoRA and the LM head,
+    reads its packed copy and the logits equal the unpacked ones to the bit; the fp32 LoRA weights
+    are left alone, and afterwards every layer is its plain self again."""
+    from banklora.inference.fast_paths import packed_linears
+    from banklora.modeling import frozen_in_bf16
+
+    loaded = load(str(tiny_adapter), dtype="fp32")
+    model = loaded.model
+    ids = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")])
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with torch.inference_mode(), frozen_in_bf16(model):
+        plain = model(input_ids=ids).logits
+        with packed_linears(model):
+            packed = [m for m in linears if "_banklora_packed" in vars(m)]
+            assert packed and all(m.weight.dtype == torch.bfloat16 for m in packed)
+            assert not any(m.weight.dtype == torch.float32 and "_banklora_packed" in vars(m) for m in linears)  # LoRA's A and B
+            assert any(m is token_rows(model.get_output_embeddings())[0] for m in packed)  # the LM head (with trained rows)
+            answered = model(input_ids=ids).logits
+    assert torch.equal(plain, answered)
+    assert not any("forward" in vars(m) or "_banklora_packed" in vars(m) for m in linears)
+    with packed_linears(model):  # fp32 weights: nothing to pack
+        assert not any("_banklora_packed" in vars(m) for m in linears)

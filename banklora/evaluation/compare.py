@@ -31,6 +31,7 @@ from banklora.data.dataset import Example, load_examples
 from banklora.data.format import IGNORE_INDEX, encode_conversation
 from banklora.errors import UsageError
 from banklora.evaluation import compliance, knowledge, metrics, statistics, terminal
+from banklora.inference.fast_paths import packed_linears
 from banklora.inference.generate import Generation, generate_batch
 from banklora.loss import head_losses
 from banklora.modeling import Loaded, cpu_bf16, frozen_in_bf16, is_adapter_dir, load, pick_device
@@ -253,8 +254,9 @@ def run_compare(
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             if name != "base":
                 model.set_adapter(name)
+            # bf16 weights answer through oneDNN's packed copies: the same products, about twice as fast (fast_paths)
             with Progress(len(prompts), 0, show_progress, label=f"compare {name}") as bar, \
-                    frozen_in_bf16(model) if split_precision else contextlib.nullcontext():
+                    frozen_in_bf16(model) if split_precision else contextlib.nullcontext(), packed_linears(model):
                 gens[name] = generate_batch(model, tok, prompts, settings, batch_size, on_answer=lambda n, bar=bar: bar.update(n, "answers"))
             if show_progress:
                 log.info("compare %s: the reference answers' likelihood (%d)%s", name, len(examples),

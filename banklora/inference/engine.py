@@ -82,7 +82,7 @@ class Request:
     prompt: list[int]
     adapter: str | None  # None = the base model
     params: SamplingParams
-    sink: Callable[[Event], None]  # called from the worker thread
+    sink: Callable[[Event], None]  # called from the thread that runs the worker
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float | None = None  # perf_counter when its prefill began
@@ -108,7 +108,8 @@ class _Row:
 
 
 class Engine:
-    """One worker thread that owns the model; `submit` is safe from any thread."""
+    """One worker that owns the model, run in a thread of its own (start) or the caller's (run_here,
+    step, run_until_done); `submit` is safe from any thread."""
 
     def __init__(self, model, tokenizer, *, peft: bool, max_batch_size: int = 8, max_queue: int = 64,
                  on_step: Callable[[StepInfo], None] | None = None) -> None:

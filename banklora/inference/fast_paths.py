@@ -26,6 +26,7 @@ the loaded model. What each path does and costs (docs/performance.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 import warnings
@@ -220,6 +221,33 @@ def packed_bf16(weight: torch.Tensor) -> torch.Tensor | None:
         return mkldnn._reorder_linear_weight(weight.detach(), DecodeLinear.SMALL_ROWS)
     except (AttributeError, RuntimeError):  # a torch without these ops
         return None
+
+
+@contextlib.contextmanager
+def packed_linears(model):
+    """While the block runs, every frozen bf16 linear layer of `model` (the base's projections under
+    LoRA, the LM head) answers from oneDNN's packed copy of its weight (packed_bf16): the same
+    products, to the bit, in about half the time for a decoding step's rows. For answering with a
+    PeftModel as it is (compare's answers, the turn-end check after training), where `load` has not
+    put DecodeLinears in; packing the 270M's weights takes ~0.5 s and holds a second bf16 copy (535
+    MB) until the block ends. fp32 weights (and a CPU or torch without oneDNN bf16) are left as they are."""
+    changed = []
+    try:
+        for module in model.modules():
+            if type(module) is torch.nn.Linear and not module.weight.requires_grad:
+                packed = packed_bf16(module.weight)
+                if packed is not None:
+                    module._banklora_packed = packed
+                    module.forward = types.MethodType(_packed_forward, module)
+                    changed.append(module)
+        yield model
+    finally:
+        for module in changed:
+            del module.forward, module._banklora_packed  # back to the class's forward
+
+
+def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return decode_product(x, self.weight, self.bias, packed=self._banklora_packed)
 
 
 def decode_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
