@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from banklora.config import CHAT_REPETITION_PENALTY, COMPARE_BATCH_SIZE, QUICKSTART, flags as setting_flags
+from banklora.config import CHAT_REPETITION_PENALTY, COMPARE_BATCH_SIZE, QUICKSTART, SERVE_MAX_BATCH_SIZE, flags as setting_flags
 from banklora.errors import BankloraError, UsageError
 
 console = Console()
@@ -452,7 +452,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the server on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="BANKLORA_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on /v1 and /metrics.")] = None,
-    max_batch_size: Annotated[int, typer.Option(help="Requests decoded together; later ones join at the next step.")] = 8,
+    max_batch_size: Annotated[int, typer.Option(help="Requests decoded together; later ones join at the next step.")] = SERVE_MAX_BATCH_SIZE,
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a slot; past it the server answers 429 with Retry-After.")] = 64,
     int8: Annotated[bool, typer.Option("--int8", help="LM head in int8 (CPU): faster answers, slightly different ones (see docs/performance.md).")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Decoder weights in fp16 (CPU; the base served alone only).")] = False,
@@ -476,7 +476,7 @@ def studio(
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the studio on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="BANKLORA_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every studio job and file endpoint, /v1 and /metrics.")] = None,
-    max_batch_size: Annotated[int, typer.Option(help="Chat requests decoded together.")] = 8,
+    max_batch_size: Annotated[int, typer.Option(help="Chat requests decoded together.")] = SERVE_MAX_BATCH_SIZE,
     dtype: InferenceDtypeOpt = "auto",
 ) -> None:
     """The whole job in a browser: data, training runs (a queue of processes the server owns), compare, chat, export (docs/studio.md)."""

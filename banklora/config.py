@@ -226,6 +226,10 @@ BEFORE_IT_EXISTED = {"augment": 0}
 QUICKSTART = {"data": ("banking",), "epochs": 1.0, "lr": 1e-3, "augment": 0}  # train's recipe over the 240 pairs without their variants (60 steps of train's 180): a quickstart within 10 minutes
 
 COMPARE_BATCH_SIZE = 128
+# Rows the server (and studio's chat) decodes together. Measured with bench/serve_load.py, the quickstart
+# adapter, 2 cores, back to back: 16 clients 98.9 tokens/s (TTFT p95 5.5 s, half of them waiting for a
+# slot) with 8, 140.4 (0.7 s) with 16; 8 clients the same with either (102.1, 100.3). docs/performance.md
+SERVE_MAX_BATCH_SIZE = 16
 
 
 # The repetition penalty chat, the server and the web chat use unless told otherwise (compare stays

@@ -119,12 +119,14 @@ def _occupancy(port: int) -> dict[str, float]:
 
 
 def main() -> None:
+    from banklora.config import SERVE_MAX_BATCH_SIZE
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="adapter directory, served as 'banking'")
     parser.add_argument("--base-model", default=None, help="default: the embedded Gemma 3 270M")
     parser.add_argument("--clients", default="1,4,8,16", help="concurrency levels; 1 is the reference (one after another)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch-size", type=int, default=8, help="the server's --max-batch-size (its default: 8)")
+    parser.add_argument("--max-batch-size", type=int, default=SERVE_MAX_BATCH_SIZE, help=f"the server's --max-batch-size (its default: {SERVE_MAX_BATCH_SIZE})")
     parser.add_argument("--int8", action="store_true", help="serve with --int8 (the LM head in int8)")
     parser.add_argument("--quantize", choices=["int8"], help="serve with --quantize int8 (int8 weights for decoding)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from banklora.config import SERVE_MAX_BATCH_SIZE
 from banklora.errors import UsageError
 from banklora.modeling import adapter_names, is_adapter_dir, load
 from banklora.serve.app import Served, create_app
@@ -44,7 +45,7 @@ def parse_model_paths(specs: list[str]) -> list[tuple[str, Path]]:
     return [(name, path) for name, (_, path) in zip(names, pairs)]
 
 
-def build(model_paths: list[str], *, base_model: str | None = None, api_key: str | None = None, max_batch_size: int = 8,
+def build(model_paths: list[str], *, base_model: str | None = None, api_key: str | None = None, max_batch_size: int = SERVE_MAX_BATCH_SIZE,
           max_queue: int = 64, int8: bool = False, fp16: bool = False, quantize: str | None = None, device: str | None = None,
           dtype: str = "auto"):
     """Load the base and adapters (verified) and return the app and what it serves."""

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from banklora.config import SERVE_MAX_BATCH_SIZE
 from banklora.inference.engine import Engine
 from banklora.inference.fast_paths import ServingSettings
 from banklora.errors import BankloraError
@@ -83,7 +84,7 @@ def _load(base_model: str, paths: dict[str, Path], dtype: str, verify: bool = Fa
                 serve=ServingSettings(stacked=True), verify=verify)
 
 
-def build(workspace_dir: str | Path, *, base_model: str, api_key: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
+def build(workspace_dir: str | Path, *, base_model: str, api_key: str | None = None, max_batch_size: int = SERVE_MAX_BATCH_SIZE, max_queue: int = 64,
           dtype: str = "auto", host: str = "127.0.0.1"):
     """The app, what it serves and what was loaded (its model left out: the engine owns the model,
     and replaces it as adapters arrive), for serve.launch.run."""
