@@ -316,7 +316,7 @@ def test_bf16_weights_take_onednn_packed_copies_with_the_same_products(tiny_adap
             assert torch.equal(got, plain), (rows, (got.float() - plain.float()).abs().max())
     x = torch.randn(4, layers[0].in_features, dtype=torch.bfloat16, requires_grad=True)
     layers[0](x).sum().backward()
-    assert torch.equal(x.grad, layers[0].weight.sum(0).expand_as(x).to(x.grad.dtype))
+    assert torch.allclose(x.grad.float(), layers[0].weight.float().sum(0).expand_as(x), rtol=2e-2, atol=2e-2)
     _check_overflow_falls_back(head)
 
 

@@ -234,7 +234,7 @@ def packed_linears(model):
     changed = []
     try:
         for module in model.modules():
-            if type(module) is torch.nn.Linear and not module.weight.requires_grad:
+            if type(module) is torch.nn.Linear and not module.weight.requires_grad and "forward" not in vars(module):  # not twice
                 packed = packed_bf16(module.weight)
                 if packed is not None:
                     module._banklora_packed = packed
@@ -298,11 +298,11 @@ def decode_linears(model, fp16: bool, int8: bool = False) -> None:
 
 
 def decode_layer(linear: torch.nn.Linear, int8: bool, head: bool = False, lossy_fp16: bool = False) -> DecodeLinear:
-    """The DecodeLinear of one layer: bf16 weights get oneDNN's packed copy where there is one, and a
+    """The DecodeLinear of one layer: bf16 weights get oneDNN's packed copy where there is one (not with int8), and a
     lossless fp16 copy for one or two rows where there is none and for the LM head (one row of the
     head: 10.6 ms in fp16, 12.2 packed; a decoder layer's row is faster packed); with int8 no fp16 copy
     but the int8 one (the head's: dynamic int8); lossy_fp16 asks an fp16 copy of fp32 weights."""
-    packed = packed_bf16(linear.weight)
+    packed = None if int8 else packed_bf16(linear.weight)  # --quantize int8 is asked for its smaller footprint
     lossless = linear.weight.dtype == torch.bfloat16 and not int8 and (head or packed is None)
     return DecodeLinear(linear, fp16=lossless or lossy_fp16, int8=int8 and not head, dynamic_int8=int8 and head, packed=packed)
 

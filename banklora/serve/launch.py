@@ -128,9 +128,13 @@ def run(app, served: Served, loaded, *, sock: socket.socket, api_key: str | None
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_S))
     engine = app.state.engine
 
+    failed: list[BaseException] = []
+
     def http() -> None:
         try:
             server.run(sockets=[sock])
+        except BaseException as exc:  # raised again on the main thread, as when uvicorn ran there
+            failed.append(exc)
         finally:
             engine.shutdown()  # also when the server could not start: the main thread's loop returns
 
@@ -144,12 +148,17 @@ def run(app, served: Served, loaded, *, sock: socket.socket, api_key: str | None
         server.handle_exit(sig, frame)
 
     thread = threading.Thread(target=http, name="banklora-http", daemon=True)
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    main = threading.current_thread() is threading.main_thread()  # only the main thread can take signals
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         engine.run_here(ready=thread.start)
-        thread.join()
     finally:
+        server.should_exit = True  # already so when the loop ended by shutdown; if it failed, the app still shuts down
+        if thread.is_alive():  # (a studio run keeps its checkpoint)
+            thread.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if failed:
+        raise failed[0]
     for sig in reversed(caught):
         signal.raise_signal(sig)
