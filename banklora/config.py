@@ -116,6 +116,12 @@ class TrainSettings:
     """Token-level unlikelihood (Welleck et al. 2019): the loss adds this weight x -log(1 - p) of every token the answer already said, where the reference says another; it trains answers not to loop (2 measured best: docs/training.md, "Training recipe"). 0 = off."""
     unlikelihood_context: int = 0
     """0 = unlikelihood on every token the answer already said; N = only on the tokens that followed the same N tokens earlier in the answer (what a loop copies next), so words an answer uses again elsewhere are not pushed down."""
+    sequence_unlikelihood: float = 0.0
+    """Sequence-level unlikelihood (Welleck et al. 2019): for the run's last --sequence-unlikelihood-steps steps, the model's own greedy answers to --sequence-unlikelihood-prompts training questions that loop join each batch, and each token the loop repeated is pushed down with this weight x -log(1 - p), without cross-entropy; 0 = off."""
+    sequence_unlikelihood_steps: int = 12
+    """Steps at the end of the run that train on the model's own loops (--sequence-unlikelihood)."""
+    sequence_unlikelihood_prompts: int = 64
+    """Training questions the model answers greedily (160 tokens) to find its loops, once, when those steps begin."""
     seed: int = 42
     """Random seed: data order, LoRA initialisation, dropout."""
     dtype: str = "auto"
@@ -183,6 +189,12 @@ class TrainSettings:
             raise UsageError(f"--unlikelihood must be 0 (off) or positive, e.g. 0.5 (got {self.unlikelihood})")
         if self.unlikelihood_context < 0:
             raise UsageError(f"--unlikelihood-context must be 0 (every token said before) or a number of tokens, e.g. 2 (got {self.unlikelihood_context})")
+        if self.sequence_unlikelihood < 0:
+            raise UsageError(f"--sequence-unlikelihood must be 0 (off) or positive, e.g. 4 (got {self.sequence_unlikelihood})")
+        for flag, value in (("--sequence-unlikelihood-steps", self.sequence_unlikelihood_steps),
+                            ("--sequence-unlikelihood-prompts", self.sequence_unlikelihood_prompts)):
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1 (got {value})")
         if self.max_length < 16:
             raise UsageError(f"--max-length must be at least 16 tokens (got {self.max_length})")
         if self.max_steps is not None and self.max_steps < 1:

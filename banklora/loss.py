@@ -78,16 +78,21 @@ def repeat_candidates(targets: torch.Tensor, keep: torch.Tensor, context: int = 
     return torch.cat(candidates), torch.cat(masks)
 
 
-def _add_unlikelihood(dlogits: torch.Tensor, alpha: float, candidates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _add_unlikelihood(dlogits: torch.Tensor, alpha, candidates: torch.Tensor, mask: torch.Tensor,
+                      scored: torch.Tensor | None = None) -> torch.Tensor:
     """Token-level unlikelihood of a chunk, given the softmax (V, n) in `dlogits`: returns
     -sum log(1 - p(c)) over each token's candidates, (n,), and adds alpha x its gradient with
     respect to the (capped) logits to `dlogits` in place (no second (V, n) buffer):
-    d(-log(1 - p_c)) / dz = p_c / (1 - p_c) x (onehot_c - p)."""
+    d(-log(1 - p_c)) / dz = p_c / (1 - p_c) x (onehot_c - p).
+    alpha: a number, or one per token (n,). scored (n,): 1 where the token's cross-entropy counts,
+    0 where it does not (a generated answer's repeat, pushed down alone): there the softmax, which
+    is the cross-entropy's share of `dlogits`, is taken out."""
     p = dlogits.gather(0, candidates.T).clamp(max=1 - 1e-6) * mask.T  # (K, n); masked slots read token 0 and count 0
     loss = -torch.log1p(-p).sum(dim=0)
-    w = p / (1 - p)
-    dlogits.mul_(1 - alpha * w.sum(dim=0, keepdim=True))
-    dlogits.scatter_add_(0, candidates.T, alpha * w)
+    w = alpha * (p / (1 - p))
+    keep = 1 if scored is None else scored[None, :]
+    dlogits.mul_(keep - w.sum(dim=0, keepdim=True))
+    dlogits.scatter_add_(0, candidates.T, w)
     return loss
 
 
@@ -140,10 +145,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             slope = 1 - (logits / cap) ** 2 if cap else None  # d(cap * tanh(z / cap)) / dz, before the softmax overwrites them
             loss, dlogits = _loss_and_softmax_(logits, t)
             plain.append(loss)
-            if unlikely is not None:  # (alpha, candidates (N, K), mask (N, K)): the repeats' unlikelihood joins the loss
-                alpha, candidates, mask = unlikely
-                loss = loss + alpha * _add_unlikelihood(dlogits, alpha, candidates[i : i + chunk], mask[i : i + chunk])
-            dlogits[t, torch.arange(len(t), device=t.device)] -= 1  # softmax - onehot
+            scored = None
+            if unlikely is not None:  # (alpha, candidates (N, K), mask (N, K), scored): the repeats' unlikelihood joins the loss
+                alpha, candidates, mask, scored = unlikely
+                alpha = alpha[i : i + chunk] if torch.is_tensor(alpha) else alpha
+                scored = None if scored is None else scored[i : i + chunk]
+                repeats = _add_unlikelihood(dlogits, alpha, candidates[i : i + chunk], mask[i : i + chunk], scored)
+                loss = (loss if scored is None else loss * scored) + alpha * repeats
+            dlogits[t, torch.arange(len(t), device=t.device)] -= 1 if scored is None else scored  # softmax - onehot
             losses.append(loss)
             if cap:
                 dlogits *= slope
@@ -183,21 +192,48 @@ def token_losses(model, batch: dict[str, torch.Tensor], head_chunk: int | None =
 
 
 def unlikelihood_losses(model, batch: dict[str, torch.Tensor], alpha: float, head_chunk: int | None = None,
-                        context: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training with token-level unlikelihood: at each answer token, (N,) objectives, cross-entropy
+                        context: int = 0, sequence_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training with unlikelihood: at each answer token, (N,) objectives, cross-entropy
     + alpha x -sum log(1 - p(c)) over the tokens c the answer already said (repeat_candidates;
-    with `context`, only those that followed the same tokens before),
-    and the (N,) cross-entropies alone (no gradient: what the log reports). Lowering the
-    probability of saying again what was said is what stops greedy answers looping."""
-    causal_lm, rows, targets, keep = _answer_states(model, batch)
-    candidates, mask = repeat_candidates(targets, keep, context)
-    return head_losses(causal_lm, rows, targets[keep], head_chunk, unlikely=(alpha, candidates, mask))
+    with `context`, only those that followed the same tokens before), the (N,) cross-entropies
+    alone (no gradient: what the log reports), and the (N,) mask of the tokens whose
+    cross-entropy counts. Lowering the probability of saying again what was said is what stops
+    greedy answers looping.
+
+    With batch["negatives"] (B, T), sequence-level unlikelihood (Welleck et al. 2019, section 5.2):
+    the model's own answers that looped, where each token a loop repeated is pushed down,
+    sequence_alpha x -log(1 - p(token)), and no cross-entropy is taken (the answer is not a
+    reference). Those tokens come after the references' in the (N,) outputs' order of positions."""
+    causal_lm, hidden = _final_states(model, batch)
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE_INDEX
+    n = int(keep.sum())
+    candidates, mask = repeat_candidates(targets, keep, context) if alpha else (targets.new_zeros(n, 1), keep.new_zeros(n, 1))
+    negatives = batch.get("negatives")
+    if negatives is None:
+        objective, cross_entropy = head_losses(causal_lm, hidden[:, :-1][keep], targets[keep], head_chunk, unlikely=(alpha, candidates, mask, None))
+        return objective, cross_entropy, torch.ones_like(cross_entropy, dtype=torch.bool)
+    pushed = negatives[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
+    m = int(pushed.sum())
+    rows = torch.cat([hidden[:, :-1][keep], hidden[:, :-1][pushed]])
+    wanted = torch.cat([targets[keep], torch.zeros(m, dtype=targets.dtype, device=targets.device)])
+    candidates = torch.cat([candidates, torch.nn.functional.pad(negatives[:, 1:][pushed][:, None], (0, candidates.shape[1] - 1))])
+    mask = torch.cat([mask, torch.nn.functional.pad(torch.ones(m, 1, dtype=torch.bool, device=mask.device), (0, mask.shape[1] - 1))])
+    scored = torch.cat([torch.ones(n, device=rows.device), torch.zeros(m, device=rows.device)])
+    weights = torch.cat([torch.full((n,), float(alpha), device=rows.device), torch.full((m,), float(sequence_alpha), device=rows.device)])
+    objective, cross_entropy = head_losses(causal_lm, rows, wanted, head_chunk, unlikely=(weights, candidates, mask, scored))
+    return objective, cross_entropy, scored.bool()
+
+
+def _final_states(model, batch: dict[str, torch.Tensor]):
+    """(the causal LM, the final hidden states (B, T, H))."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm, causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 
 
 def _answer_states(model, batch: dict[str, torch.Tensor]):
     """(the causal LM, the final hidden states at answer positions (N, H), the next tokens (B, T-1), their mask (B, T-1))."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    causal_lm, hidden = _final_states(model, batch)  # (B, T, H)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE_INDEX  # (B, T-1)
     return causal_lm, hidden[:, :-1][keep], targets, keep
@@ -206,7 +242,8 @@ def _answer_states(model, batch: dict[str, torch.Tensor]):
 def head_losses(causal_lm, rows: torch.Tensor, wanted: torch.Tensor, head_chunk: int | None = None, unlikely=None):
     """Next-token cross-entropy of the LM head (softcapped where the model caps its logits) at the
     final hidden states `rows` (N, H) against the tokens `wanted` (N,): (N,) losses.
-    With `unlikely` = (alpha, candidates (N, K), mask (N, K)): (objectives, cross-entropies), as
+    With `unlikely` = (alpha (a number or (N,)), candidates (N, K), mask (N, K), scored ((N,) 1 or 0:
+    whether the token's cross-entropy counts) or None): (objectives, cross-entropies), as
     unlikelihood_losses says."""
     head, trained = token_rows(causal_lm.lm_head)
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
@@ -216,9 +253,10 @@ def head_losses(causal_lm, rows: torch.Tensor, wanted: torch.Tensor, head_chunk:
         losses = F.cross_entropy(logits, wanted, reduction="none")
         if unlikely is None:
             return losses
-        alpha, candidates, mask = unlikely
+        alpha, candidates, mask, scored = unlikely
         p = logits.softmax(dim=-1).gather(1, candidates).clamp(max=1 - 1e-6) * mask
-        return losses - alpha * torch.log1p(-p).sum(dim=1), losses.detach()
+        counted = losses if scored is None else losses * scored
+        return counted - alpha * torch.log1p(-p).sum(dim=1), losses.detach()
     device = rows.device.type
     chunk = head_chunk or HEAD_CHUNK
     if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16 and head.weight.dtype == torch.float32:
@@ -276,20 +314,26 @@ class AnswerLoss(torch.nn.Module):
     whole computation (their gradient hooks need the forward to run through the wrapper).
     unlikelihood > 0 adds token-level unlikelihood on the answer's repeats (unlikelihood_losses)."""
 
-    def __init__(self, peft_model, head_chunk: int | None = None, unlikelihood: float = 0.0, unlikelihood_context: int = 0):
+    def __init__(self, peft_model, head_chunk: int | None = None, unlikelihood: float = 0.0, unlikelihood_context: int = 0,
+                 sequence_unlikelihood: float = 0.0):
         super().__init__()
         self.peft_model, self.head_chunk, self.unlikelihood = peft_model, head_chunk, unlikelihood
-        self.unlikelihood_context = unlikelihood_context
+        self.unlikelihood_context, self.sequence_unlikelihood = unlikelihood_context, sequence_unlikelihood
 
-    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids, attention_mask, labels, negatives=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum of the answer tokens' objectives, number of answer tokens, sum of their cross-entropies):
-        the caller normalises globally; the objective is the cross-entropy unless unlikelihood is on."""
+        the caller normalises globally; the objective is the cross-entropy unless unlikelihood is on.
+        negatives (B, T): rows of the model's own looping answers, each repeat's token there to be
+        pushed down (sequence-level unlikelihood, with weight `sequence_unlikelihood`)."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if self.unlikelihood and torch.is_grad_enabled():  # validation reads the cross-entropy alone
-            objective, cross_entropy = unlikelihood_losses(self.peft_model, batch, self.unlikelihood, self.head_chunk,
-                                                            self.unlikelihood_context)
+        if negatives is not None:
+            batch["negatives"] = negatives
+        if (self.unlikelihood or negatives is not None) and torch.is_grad_enabled():  # validation reads the cross-entropy alone
+            objective, cross_entropy, scored = unlikelihood_losses(self.peft_model, batch, self.unlikelihood, self.head_chunk,
+                                                                   self.unlikelihood_context, self.sequence_unlikelihood)
+            cross_entropy = cross_entropy[scored]
         else:
             objective, _ = token_losses(self.peft_model, batch, self.head_chunk)
             cross_entropy = objective.detach()
-        n = torch.tensor(objective.numel(), device=objective.device, dtype=torch.float32)
+        n = torch.tensor(cross_entropy.numel(), device=objective.device, dtype=torch.float32)
         return objective.sum(), n, cross_entropy.sum()

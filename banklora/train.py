@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from banklora import basemodel, card, checkpoint, destination, kernels, loss, progress, tracking
+from banklora import basemodel, card, checkpoint, destination, kernels, loops, loss, progress, tracking
 from banklora.checkpoint import StopRequest, TrainerState, TrainingInterrupted  # noqa: F401  (TrainingInterrupted: part of the API)
 from banklora.config import TrainSettings, load_train_settings
 from banklora.data.batching import collate, epoch_batches
@@ -29,13 +31,16 @@ from banklora.data.augment import augment
 from banklora.data.dataset import dataset_hash, load_examples, source_paths
 from banklora.data.prepare import Prepared, prepare
 from banklora.errors import BankloraError, UsageError
+from banklora.io import atomic_write_json
 from banklora.inference.fast_paths import contiguous_head_input, packed_linears
 from banklora.modeling import META_FILE, add_lora, frozen_in_bf16, load, load_tokenizer, mixed_precision, save_adapter, train_token_ids
 
 log = logging.getLogger(__name__)
 
+OWN_LOOPS_BUDGET = 160  # new tokens per greedy answer when --sequence-unlikelihood looks for the model's loops: compare's budget
 BEST_DIR = "best"  # the adapter with the lowest validation loss, inside the final adapter directory
-RUN_FILES = (progress.METRICS_FILE, progress.LOSS_CURVE, BEST_DIR, tracking.TENSORBOARD_DIR, tracking.MLFLOW_RUN_FILE)  # what a run writes in its checkpoint folder besides step-N
+OWN_LOOPS_FILE = "own_loops.json"  # the model's looping answers that --sequence-unlikelihood trains on, kept for --resume
+RUN_FILES = (progress.METRICS_FILE, progress.LOSS_CURVE, BEST_DIR, tracking.TENSORBOARD_DIR, tracking.MLFLOW_RUN_FILE, OWN_LOOPS_FILE)  # what a run writes in its checkpoint folder besides step-N
 Resume = bool | None | str  # True: continue; False: discard checkpoints; None: refuse if any; "auto": continue if any
 
 
@@ -72,6 +77,7 @@ class _Run:
     precision: str | None = None  # "bf16": the forward under bf16 autocast over fp32 weights (modeling.mixed_precision)
     epoch_order: tuple[int, list] = (-1, [])  # (epoch, its global batches as indices into encoded)
     trackers: tracking.Trackers | None = None  # on the main process when --report-to names any
+    own_loops: loops.OwnLoops | None = None  # --sequence-unlikelihood: found when its steps begin
 
     @property
     def pad_id(self) -> int:
@@ -240,8 +246,12 @@ def _setup_optimizer(run: _Run) -> None:
     if engine and s.save_every:
         log.warning("%s run: resumable checkpoints are off (they cover single-process and DDP runs)", engine)
         run.settings = s = dataclasses.replace(s, save_every=0)
+    if engine and s.sequence_unlikelihood:
+        log.warning("%s run: --sequence-unlikelihood is off (the model answers with its whole weights, which %s shards)", engine, engine)
+        run.settings = s = dataclasses.replace(s, sequence_unlikelihood=0.0)
     head_chunk = loss.LOW_MEMORY_HEAD_CHUNK if s.low_memory else None
-    run.module, run.optimizer = acc.prepare(loss.AnswerLoss(run.peft_model, head_chunk, s.unlikelihood, s.unlikelihood_context), optimizer)
+    run.module, run.optimizer = acc.prepare(loss.AnswerLoss(run.peft_model, head_chunk, s.unlikelihood, s.unlikelihood_context,
+                                                            s.sequence_unlikelihood), optimizer)
     run.steps_per_epoch = math.ceil(len(run.encoded) / (s.batch_size * acc.num_processes))
     run.total = s.max_steps or math.ceil(s.epochs * run.steps_per_epoch)
     run.warmup = s.warmup_for(run.total)
@@ -353,7 +363,10 @@ def _train_step(run: _Run) -> tuple[float, float | None, int]:
     global_batch = run.epoch_order[1][k]
     local = global_batch[rank::world]
     weight = 1.0 if local else 0.0  # a process with no example left runs a dummy that counts for nothing
-    batch = {key: v.to(acc.device) for key, v in collate([run.encoded[i] for i in local or global_batch[:1]], run.pad_id).items()}
+    rows = [run.encoded[i] for i in local or global_batch[:1]]
+    if s.sequence_unlikelihood and state.step >= run.total - s.sequence_unlikelihood_steps:
+        rows += _own_loops(run).pick(s.batch_size * world, s.seed * 100_003 + state.step)[rank::world] if local else []
+    batch = {key: v.to(acc.device) for key, v in collate(rows, run.pad_id).items()}
     # 2) forward; the loss is the mean over the global batch's answer tokens
     objective, n_tokens, loss_sum = run.module(**batch)  # the objective is the loss unless --unlikelihood adds to it
     objective, n_tokens, loss_sum = objective * weight, n_tokens * weight, loss_sum * weight
@@ -368,6 +381,48 @@ def _train_step(run: _Run) -> tuple[float, float | None, int]:
         norm = acc.clip_grad_norm_([p for p in run.peft_model.parameters() if p.requires_grad], s.max_grad_norm)
         grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
     return step_loss, grad_norm, int(totals[2])
+
+
+def _own_loops(run: _Run) -> loops.OwnLoops:
+    """The model's looping answers to training questions (--sequence-unlikelihood), found once when
+    its steps begin: greedy, with the weights it answers with (bf16 where the run is), on a
+    sample of the training questions fixed by the seed. Kept in the checkpoint folder, so a run
+    resumed inside those steps trains on the same answers."""
+    if run.own_loops is not None:
+        return run.own_loops
+    s, acc = run.settings, run.accelerator
+    kept = s.checkpoints / OWN_LOOPS_FILE
+    if run.resumed_from is not None and kept.is_file():
+        from banklora.data.format import Encoded
+
+        saved = json.loads(kept.read_text())
+        run.own_loops = loops.OwnLoops([Encoded(**a) for a in saved["answers"]], saved["prompts"], saved["looped"], saved["tokens"])
+        return run.own_loops
+    start = time.perf_counter()
+    questions = run.data.split("train")[0]
+    sample = random.Random(s.seed).sample(questions, min(s.sequence_unlikelihood_prompts, len(questions)))
+    with _answering(run):
+        run.own_loops = loops.own_loops(run.peft_model, run.loaded.tokenizer, sample, budget=OWN_LOOPS_BUDGET)
+    if acc.is_main_process:
+        log.info("sequence unlikelihood (%.0f s): %s", time.perf_counter() - start, run.own_loops.summary())
+        _record(run, {"step": run.state.step, "own_loops": run.own_loops.to_dict()})
+        atomic_write_json(kept, run.own_loops.to_dict() | {"answers": [dataclasses.asdict(a) for a in run.own_loops.answers]}, indent=None)
+    return run.own_loops
+
+
+@contextlib.contextmanager
+def _answering(run: _Run):
+    """The model as it answers after training, for greedy answers in the middle of a run or at
+    its end: eval mode, bf16 weights in a bf16 mixed-precision run (as compare, chat and serve load
+    it here), the LM head's input contiguous and the frozen linears packed; all put back after."""
+    was_training = run.peft_model.training
+    run.peft_model.eval()
+    contiguous_head_input(run.peft_model)
+    try:
+        with frozen_in_bf16(run.peft_model) if run.precision == "bf16" else contextlib.nullcontext(), packed_linears(run.peft_model):
+            yield
+    finally:
+        run.peft_model.train(was_training)
 
 
 def _log_step(run: _Run, step_loss: float, grad_norm, lr: float, rate: float, elapsed: float, skipped: str | None) -> None:
@@ -455,8 +510,7 @@ def _turn_end(run: _Run) -> dict:
     start = time.perf_counter()
     # a run in bf16 mixed precision is checked with bf16 weights, as compare, chat and serve load it here; the LM
     # head takes its input contiguous, as the loader arranges for answering (measured: the check 45 -> 24 s on 16 answers)
-    contiguous_head_input(run.peft_model)
-    with frozen_in_bf16(run.peft_model) if run.precision == "bf16" else contextlib.nullcontext(), packed_linears(run.peft_model):
+    with _answering(run):
         result = turn_end.check(run.peft_model, run.loaded.tokenizer, run.data.split("validation")[0], budget=run.settings.turn_end_budget)
     log.info("turn-end check on %d validation examples (%.0f s): %s", result.prompts, time.perf_counter() - start, result.summary())
     if result.warning():
@@ -484,6 +538,8 @@ def _save(run: _Run, wall: float, stopped_early: bool) -> TrainResult:
     s, acc, state = run.settings, run.accelerator, run.state
     run.peft_model.eval()
     meta = card.training_metadata(run, wall) | {"stopped_early": stopped_early}
+    if run.own_loops is not None:
+        meta["own_loops"] = run.own_loops.to_dict()
     if acc.is_main_process and s.turn_end_budget and run.validation and not _engine(acc):
         try:
             meta["turn_end"] = _turn_end(run)

@@ -122,14 +122,14 @@ def test_non_finite_steps_are_skipped_then_abort_with_no_adapter(tiny_base, smal
     import banklora.loss as loss_module
 
     # one poisoned step is skipped and the run goes on (the final hidden states, which every training objective reads)
-    real, calls = loss_module._answer_states, {"n": 0}
+    real, calls = loss_module._final_states, {"n": 0}
 
     def poisoned(model, batch):
-        causal_lm, rows, targets, keep = real(model, batch)
+        causal_lm, hidden = real(model, batch)
         calls["n"] += 1
-        return causal_lm, (rows * float("nan") if calls["n"] == 2 else rows), targets, keep
+        return causal_lm, (hidden * float("nan") if calls["n"] == 2 else hidden)
 
-    monkeypatch.setattr(loss_module, "_answer_states", poisoned)
+    monkeypatch.setattr(loss_module, "_final_states", poisoned)
     result = train(_settings(tiny_base, small_data, tmp_path / "skip", max_steps=3, save_every=0), show_progress=False)
     assert result.losses[1] is None and result.losses[0] is not None and result.losses[2] is not None
     assert result.meta["training"]["skipped_steps"] == [2]

@@ -380,7 +380,7 @@ def test_unlikelihood_in_chunks_gives_the_full_computations_loss_and_gradients(t
         return nll.detach(), objective.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def ours():
-        objective, nll = loss_module.unlikelihood_losses(model, batch, alpha)
+        objective, nll, _ = loss_module.unlikelihood_losses(model, batch, alpha)
         return nll, objective
 
     full_nll, full_objective, full_grads = grads(full)
@@ -391,6 +391,60 @@ def test_unlikelihood_in_chunks_gives_the_full_computations_loss_and_gradients(t
     for name in full_grads:
         scale = full_grads[name].abs().max()  # float rounding, relative to the gradient's size
         assert (our_grads[name] - full_grads[name]).abs().max() <= 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_sequence_unlikelihood_pushes_a_looping_answers_repeats_down_without_their_cross_entropy(tiny_base, tokenizer, monkeypatch, softcap):
+    """Rows of the model's own looping answers (batch["negatives"]) add -log(1 - p(token)) at each
+    repeat the loop made and no cross-entropy; the references beside them keep theirs and their
+    token-level unlikelihood: equal, in chunks, to the textbook computation, gradients included."""
+    import banklora.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK", 7)
+    model = _moved_lora_model(tiny_base, softcap)
+    batch = seed_batch(tokenizer, 3)
+    negatives = torch.full_like(batch["labels"], -100)
+    looped = batch["input_ids"][2].clone()
+    batch["labels"][2] = -100  # the third row is a generated answer: no reference tokens
+    spots = torch.tensor([9, 10, 11, 20, 21])
+    model.eval()
+    with torch.no_grad():  # the tokens the model finds likeliest there: a loop's repeats are likely
+        likeliest = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[2].argmax(dim=-1)
+    negatives[2, spots] = likeliest[spots - 1]
+    batch["negatives"] = negatives
+    alpha, beta = 0.7, 1.5
+
+    def full():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets, pushed = batch["labels"][:, 1:], negatives[:, 1:]
+        keep, push = targets != -100, pushed != -100
+        candidates, mask = loss_module.repeat_candidates(targets, keep)
+        logp = logits[keep].log_softmax(dim=-1)
+        nll = -logp.gather(1, targets[keep][:, None])[:, 0]
+        p = logp.exp().gather(1, candidates) * mask
+        p_loop = logits[push].softmax(dim=-1).gather(1, pushed[push][:, None])[:, 0]
+        return nll, torch.cat([nll - alpha * torch.log1p(-p).sum(dim=1), -beta * torch.log1p(-p_loop)])
+
+    def ours():
+        objective, nll, scored = loss_module.unlikelihood_losses(model, batch, alpha, sequence_alpha=beta)
+        assert scored.tolist() == [True] * int((batch["labels"][:, 1:] != -100).sum()) + [False] * len(spots)
+        return nll[scored], objective
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        nll, objective = fn()
+        objective.sum().backward()
+        return nll.detach(), objective.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full_nll, full_objective, full_grads = grads(full)
+    our_nll, our_objective, our_grads = grads(ours)
+    assert torch.allclose(our_nll, full_nll, atol=1e-4) and torch.allclose(our_objective, full_objective, atol=1e-4)
+    assert full_objective[-len(spots):].min() > 1e-3  # the loop's term is there, so the gradients below test it
+    for name in full_grads:
+        scale = full_grads[name].abs().max()
+        assert (our_grads[name] - full_grads[name]).abs().max() <= 1e-4 * scale, name
+    without = loss_module.unlikelihood_losses(model, {k: v for k, v in batch.items() if k != "negatives"}, alpha)[0]
+    assert torch.allclose(without, our_objective[: len(without)], atol=1e-4)  # the references' objectives do not change
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
@@ -408,7 +462,7 @@ def test_the_bf16_head_gives_the_same_losses_and_gradients_in_chunks_as_in_one(t
         monkeypatch.setattr(loss_module, "HEAD_CHUNK", chunk)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            objective, nll = loss_module.unlikelihood_losses(model, batch, 0.7)
+            objective, nll, _ = loss_module.unlikelihood_losses(model, batch, 0.7)
             objective.sum().backward()
             with torch.no_grad():
                 plain, _ = loss_module.token_losses(model, batch)

@@ -16,16 +16,21 @@ LENGTH_WINDOW = 64  # batches sorted by length together, before the batches are 
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T)."""
+    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T); and
+    negatives (B, T) when any example carries them (a looping answer of the model's own)."""
     width = max(len(e) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    negatives = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long) if any(e.negatives for e in batch) else None
     for row, e in enumerate(batch):
         ids[row, : len(e)] = torch.tensor(e.input_ids)
         labels[row, : len(e)] = torch.tensor(e.labels)
         mask[row, : len(e)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if negatives is not None and e.negatives:
+            negatives[row, : len(e)] = torch.tensor(e.negatives)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return out if negatives is None else out | {"negatives": negatives}
 
 
 def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:

@@ -40,10 +40,14 @@ GEMMA_CHAT_TEMPLATE = (
 
 @dataclass
 class Encoded:
-    """Token ids of one conversation and their labels (IGNORE_INDEX outside the answers)."""
+    """Token ids of one conversation and their labels (IGNORE_INDEX outside the answers).
+    negatives: for one of the model's own looping answers, the tokens to push down where the loop
+    repeated them (IGNORE_INDEX elsewhere; its labels are all IGNORE_INDEX): sequence-level
+    unlikelihood training (banklora/loops.py)."""
 
     input_ids: list[int]
     labels: list[int]
+    negatives: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
