@@ -225,8 +225,8 @@ def load(
         order = sorted(range(len(adapters)), key=lambda i: rows[i])
         with warnings.catch_warnings():
             for i in order:  # PEFT saves trained token rows once, under the tied embedding, then misses the head's copy
-                if rows[i]:
-                    warnings.filterwarnings("ignore", category=UserWarning, message=re.escape(_TIED_HEAD_ROWS.format(name=names[i])) + r"\Z")
+                for wording in _TIED_HEAD_ROWS if rows[i] else ():
+                    warnings.filterwarnings("ignore", category=UserWarning, message=re.escape(wording.format(name=names[i])) + r"\Z")
             model = PeftModel.from_pretrained(model, adapters[order[0]], adapter_name=names[order[0]], is_trainable=False)
             for i in order[1:]:
                 model.load_adapter(adapters[i], adapter_name=names[i], is_trainable=False)
@@ -239,8 +239,10 @@ def load(
 
 # PEFT's warning on loading an adapter with trained token rows whose name holds its LoRA prefix "lora_" (the
 # default lora_banking does): the LM head shares the rows with the tied embedding, which PEFT saved, so nothing
-# is missing. Only this exact message is silenced; any other missing key is still reported.
-_TIED_HEAD_ROWS = "Found missing adapter keys while loading the checkpoint: ['base_model.model.lm_head.token_adapter.trainable_tokens_delta.{name}']."
+# is missing. Only this exact message is silenced, in PEFT's wording before 0.22 and since; any other missing key
+# is still reported.
+_TIED_HEAD_ROWS = ("Found missing adapter keys while loading the checkpoint: ['base_model.model.lm_head.token_adapter.trainable_tokens_delta.{name}'].",
+                   "Found missing adapter keys: ['base_model.model.lm_head.token_adapter.trainable_tokens_delta.{name}'] while loading the checkpoint.")
 
 
 def add_lora(model, lora, quantized: bool = False, tokenizer=None):
