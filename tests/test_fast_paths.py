@@ -248,6 +248,48 @@ def test_frozen_in_bf16_puts_the_fp32_weights_back(tiny_adapter):
     assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in loaded.model.named_parameters())
 
 
+def test_answering_in_a_bf16_run_merges_the_adapter_into_the_bf16_copies_only(tiny_adapter, tokenizer):
+    """Training's greedy answers (the turn-end check, --sequence-unlikelihood's loops: train._answering)
+    in a bf16 run read the adapter merged into the base's bf16 copies, as chat answers: the logits are
+    the unmerged model's to bf16 rounding, every fp32 weight is bit-identical afterwards and nothing is
+    left merged; an fp32 run answers unmerged (merging its weights would move them by rounding)."""
+    from types import SimpleNamespace
+
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from banklora.modeling import frozen_in_bf16
+    from banklora.train import _answering
+
+    model = load(str(tiny_adapter), dtype="fp32").model
+    with torch.no_grad():  # a short run's adapter barely moves the logits: make its effect plain next to bf16 rounding
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(50)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert any(type(m) is TrainableTokensLayer for m in layers)  # the turn tokens' rows merge too
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")])
+    model.eval()
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits.float()  # fp32, unmerged
+    with torch.inference_mode(), frozen_in_bf16(model):
+        unmerged = model(input_ids=ids).logits.float()
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits.float()
+    model.train()  # as training calls it: in train mode, put back after
+    with torch.inference_mode(), _answering(SimpleNamespace(peft_model=model, precision="bf16")):
+        assert all(m.merged for m in layers) and not model.training
+        merged = model(input_ids=ids).logits.float()
+    assert not any(m.merged for m in layers) and model.training
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
+    off = (merged - unmerged).abs().max()
+    # merging costs about what bf16 itself does (against the fp32 model), a tenth of the adapter's own effect at most
+    assert off <= 2 * (full - unmerged).abs().max() and off < 0.1 * (unmerged - base).abs().max()
+    with _answering(SimpleNamespace(peft_model=model, precision=None)):
+        assert not any(m.merged for m in layers)
+
+
 ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
