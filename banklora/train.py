@@ -421,23 +421,24 @@ def _answering(run: _Run):
     was_training = run.peft_model.training
     run.peft_model.eval()
     contiguous_head_input(run.peft_model)
-    bf16 = run.precision == "bf16"
     try:
-        with (frozen_in_bf16(run.peft_model) if bf16 else contextlib.nullcontext(), _merged(run.peft_model) if bf16 else contextlib.nullcontext(),
-              packed_linears(run.peft_model)):
+        with _merged_into_bf16_copies(run.peft_model) if run.precision == "bf16" else contextlib.nullcontext(), packed_linears(run.peft_model):
             yield
     finally:
         run.peft_model.train(was_training)
 
 
 @contextlib.contextmanager
-def _merged(peft_model):
-    """The adapter merged into the base weights while the block runs (PEFT's merge_adapter), unmerged after."""
-    peft_model.merge_adapter()
-    try:
-        yield
-    finally:
-        peft_model.unmerge_adapter()
+def _merged_into_bf16_copies(peft_model):
+    """The base's weights as bf16 copies (frozen_in_bf16) with the adapter merged into them (PEFT's
+    merge_adapter) while the block runs; unmerged, and the fp32 weights put back, after. Merging
+    happens only here, inside the copies, never into the weights a run trains over."""
+    with frozen_in_bf16(peft_model):
+        peft_model.merge_adapter()
+        try:
+            yield
+        finally:
+            peft_model.unmerge_adapter()
 
 
 def _log_step(run: _Run, step_loss: float, grad_norm, lr: float, rate: float, elapsed: float, skipped: str | None) -> None:
