@@ -545,6 +545,7 @@ def quickstart(*, flags: dict) -> None:
     answers the seed's 8 questions and scores the banking-mcq knowledge test. An interrupted
     quickstart continues where it stopped.
     """
+    from banklora.basemodel import embedded_checkpoint, is_embedded
     from banklora.config import overrides_from_flags
     from banklora.train import resolve_settings
     from banklora.train import train as run_train
@@ -552,6 +553,8 @@ def quickstart(*, flags: dict) -> None:
     start = time.perf_counter()
     settings = resolve_settings(None, QUICKSTART | overrides_from_flags(flags), "auto")
     console.rule("[bold]1/3 data")
+    if is_embedded(settings.base_model):  # the whole model at once: its tokenizer alone, then the rest, parse the GGUF twice (+17 s)
+        embedded_checkpoint()
     data_stats(data=list(settings.data), split=None, base_model=settings.base_model, max_length=settings.max_length, plot=None)
     console.rule("[bold]2/3 train")
     _print_trained(run_train(settings, resume="auto"))

@@ -6,6 +6,7 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -132,3 +133,38 @@ def test_the_converted_embedded_checkpoint_is_complete(embedded_dir):
     assert config["model_type"] == "gemma3_text" and config["num_hidden_layers"] == 18
     assert "quantization_config" not in config  # a plain float32 checkpoint, not a GGUF view
     assert basemodel.resolve("gemma-3-270m", verify=True).sha256 == manifest["weights_sha256"]
+
+
+def test_a_conversion_parses_the_gguf_once(tmp_path, monkeypatch):
+    """transformers parses a GGUF file again in each load (the tokenizer, the config, the weights:
+    17 s each for the embedded model's 262,144-token vocabulary); within banklora's conversion the
+    loads share one parse and read the same metadata, and afterwards gguf's reader is its own again."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_block_count(2)
+    writer.add_embedding_length(8)
+    writer.add_head_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    parsed = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    alone = [load_gguf_checkpoint(path)["config"] for _ in range(2)]
+    assert len(parsed) == 2
+    parsed.clear()
+    with basemodel._gguf_parsed_once():
+        shared = [load_gguf_checkpoint(path)["config"] for _ in range(2)]
+    assert len(parsed) == 1
+    assert shared == alone and shared[0]["num_hidden_layers"] == 2
+    assert gguf.GGUFReader is Counting
