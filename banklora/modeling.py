@@ -129,6 +129,33 @@ def frozen_in_bf16(model):
 _ADAPTER_PARTS = ("lora_", "trainable_tokens_")  # PEFT's names for an adapter's own weights
 
 
+@contextlib.contextmanager
+def merged_adapter(peft_model, *, copies: bool = True):
+    """The active adapter merged into the base's weights while the block runs (PEFT's
+    merge_adapter), the base's tensors put back bit for bit after: one product per linear instead
+    of the LoRA products beside it (the 270M's knowledge test in fp32: 41 -> 31 s, option
+    likelihoods within 7e-6 of the unmerged ones). The LoRA layers' base weights are merged into
+    copies (copies=True; the 270M's: 400 MB in fp32), or, copies=False, into tensors that already
+    are (frozen_in_bf16's); PEFT puts trained token rows back itself. Unmerging alone would move
+    the weights by float rounding."""
+    from peft.tuners.lora import LoraLayer
+
+    kept = {}
+    if copies:
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                kept[weight] = weight.data
+                weight.data = weight.data.clone()
+    peft_model.merge_adapter()
+    try:
+        yield peft_model
+    finally:
+        peft_model.unmerge_adapter()
+        for weight, data in kept.items():
+            weight.data = data
+
+
 def load(
     model_path: str | None = None,
     *,

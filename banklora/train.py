@@ -33,7 +33,7 @@ from banklora.data.prepare import Prepared, prepare
 from banklora.errors import BankloraError, UsageError
 from banklora.io import atomic_write_json
 from banklora.inference.fast_paths import contiguous_head_input, packed_linears
-from banklora.modeling import META_FILE, add_lora, frozen_in_bf16, load, load_tokenizer, mixed_precision, save_adapter, train_token_ids
+from banklora.modeling import META_FILE, add_lora, frozen_in_bf16, load, load_tokenizer, merged_adapter, mixed_precision, save_adapter, train_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -433,12 +433,8 @@ def _merged_into_bf16_copies(peft_model):
     """The base's weights as bf16 copies (frozen_in_bf16) with the adapter merged into them (PEFT's
     merge_adapter) while the block runs; unmerged, and the fp32 weights put back, after. Merging
     happens only here, inside the copies, never into the weights a run trains over."""
-    with frozen_in_bf16(peft_model):
-        peft_model.merge_adapter()
-        try:
-            yield
-        finally:
-            peft_model.unmerge_adapter()
+    with frozen_in_bf16(peft_model), merged_adapter(peft_model, copies=False):
+        yield
 
 
 def _log_step(run: _Run, step_loss: float, grad_norm, lr: float, rate: float, elapsed: float, skipped: str | None) -> None:

@@ -290,6 +290,40 @@ def test_answering_in_a_bf16_run_merges_the_adapter_into_the_bf16_copies_only(ti
         assert not any(m.merged for m in layers)
 
 
+
+def test_an_adapter_scores_merged_into_copies_with_its_unmerged_likelihoods_and_the_base_untouched(tiny_adapter, tokenizer):
+    """compare scores an adapter's reference answers and knowledge options merged into copies of the
+    base's fp32 weights (modeling.merged_adapter): the same likelihoods as unmerged to float rounding,
+    every tensor bit-identical afterwards (unmerging in place would move them by rounding), nothing
+    left merged, and the base read through disable_adapter unchanged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from banklora.data.dataset import Example
+    from banklora.evaluation.compare import reference_nll
+    from banklora.modeling import merged_adapter
+
+    model = load(str(tiny_adapter), dtype="fp32").model.eval()
+    with torch.no_grad():  # make the adapter's effect plain next to float rounding
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(50)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    examples = [Example(instruction=q, output=a) for q, a in (("信用卡逾期会影响征信吗？", "会的，逾期记录会上报征信系统。"),
+                                                              ("What is LPR?", "The loan prime rate, published monthly."))]
+    unmerged = reference_nll(model, tokenizer, examples)
+    with model.disable_adapter():
+        base = reference_nll(model, tokenizer, examples)
+    with merged_adapter(model):
+        assert all(m.merged for m in layers)
+        merged = reference_nll(model, tokenizer, examples)
+    assert not any(m.merged for m in layers)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(abs(m - u) < 1e-4 for m, u in zip(merged, unmerged))
+    assert all(abs(u - b) > 1e-2 for u, b in zip(unmerged, base))  # the adapter's own effect, for scale
+    with model.disable_adapter():
+        assert reference_nll(model, tokenizer, examples) == base
+
 ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
