@@ -126,6 +126,7 @@ def frozen_in_bf16(model):
             param.data = data
 
 
+ANSWERING_ATTENTION = "sdpa"  # how a model loaded for answering attends (training loads eager)
 _ADAPTER_PARTS = ("lora_", "trainable_tokens_")  # PEFT's names for an adapter's own weights
 
 
@@ -235,7 +236,7 @@ def load(
         extra = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                                            bnb_4bit_compute_dtype=torch.bfloat16), "device_map": {"": dev}}
     model = AutoModelForCausalLM.from_pretrained(
-        base.path, dtype=torch_dtype, use_safetensors=True, attn_implementation="eager" if training else "sdpa", **extra
+        base.path, dtype=torch_dtype, use_safetensors=True, attn_implementation="eager" if training else ANSWERING_ATTENTION, **extra
     )
     if quantize != "4bit":
         model = model.to(dev)

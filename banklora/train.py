@@ -33,7 +33,7 @@ from banklora.data.prepare import Prepared, prepare
 from banklora.errors import BankloraError, UsageError
 from banklora.io import atomic_write_json
 from banklora.inference.fast_paths import contiguous_head_input, packed_linears
-from banklora.modeling import META_FILE, add_lora, frozen_in_bf16, load, load_tokenizer, merged_adapter, mixed_precision, save_adapter, train_token_ids
+from banklora.modeling import ANSWERING_ATTENTION, META_FILE, add_lora, frozen_in_bf16, load, load_tokenizer, merged_adapter, mixed_precision, save_adapter, train_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -415,16 +415,20 @@ def _answering(run: _Run):
     """The model as it answers after training, for greedy answers in the middle of a run or at
     its end: eval mode, bf16 weights in a bf16 mixed-precision run (as compare, chat and serve load
     it here) with the adapter merged into those copies (as chat answers: measured 1.3x faster than
-    the LoRA products beside them, 32 answers 15.5 -> 12 s), the LM head's input contiguous and the
-    frozen linears packed; all put back after. The fp32 weights the run trains over are never merged
-    into: merging and unmerging them would move them by float rounding."""
-    was_training = run.peft_model.training
+    the LoRA products beside them, 32 answers 15.5 -> 12 s), SDPA attention where training runs
+    eager (as `load` loads a model for answering: 48 answers 23 -> 17 s), the LM head's input
+    contiguous and the frozen linears packed; all put back after. The fp32 weights the run trains
+    over are never merged into: merging and unmerging them would move them by float rounding."""
+    causal_lm = run.peft_model.get_base_model()
+    was_training, trained_with = run.peft_model.training, causal_lm.config._attn_implementation
     run.peft_model.eval()
+    causal_lm.set_attn_implementation(ANSWERING_ATTENTION)
     contiguous_head_input(run.peft_model)
     try:
         with _merged_into_bf16_copies(run.peft_model) if run.precision == "bf16" else contextlib.nullcontext(), packed_linears(run.peft_model):
             yield
     finally:
+        causal_lm.set_attn_implementation(trained_with)
         run.peft_model.train(was_training)
 
 

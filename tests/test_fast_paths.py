@@ -291,6 +291,34 @@ def test_answering_in_a_bf16_run_merges_the_adapter_into_the_bf16_copies_only(ti
 
 
 
+def test_answering_during_training_attends_as_a_model_loaded_for_answering(tiny_adapter, tokenizer, monkeypatch):
+    """Training loads the base with eager attention; its greedy answers (train._answering: the turn-end
+    check, --sequence-unlikelihood's loops) attend through SDPA, as `load` loads a model for answering
+    (compare, chat, serve): the same logits to float rounding. Training gets eager back after."""
+    from types import SimpleNamespace
+
+    from banklora.train import _answering
+
+    trained = load(str(tiny_adapter), dtype="fp32", training=True).model
+    answering = load(str(tiny_adapter), dtype="fp32").model.eval()
+    causal_lm = trained.get_base_model()
+    assert causal_lm.config._attn_implementation == "eager"
+    sdpa_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k))
+    ids = torch.tensor([encode_prompt(tokenizer, "您好，请问信用卡逾期会影响征信吗？")])
+    trained.train()
+    with torch.inference_mode(), _answering(SimpleNamespace(peft_model=trained, precision=None)):
+        got = trained(input_ids=ids).logits
+    layers = causal_lm.config.num_hidden_layers
+    assert len(sdpa_calls) == layers and causal_lm.config._attn_implementation == "eager" and trained.training
+    with torch.inference_mode():
+        expected = answering(input_ids=ids).logits
+        trained(input_ids=ids)  # training's forward: eager again
+    assert len(sdpa_calls) == 2 * layers  # the answering model's, not training's
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_an_adapter_scores_merged_into_copies_with_its_unmerged_likelihoods_and_the_base_untouched(tiny_adapter, tokenizer):
     """compare scores an adapter's reference answers and knowledge options merged into copies of the
     base's fp32 weights (modeling.merged_adapter): the same likelihoods as unmerged to float rounding,
