@@ -324,8 +324,8 @@ def _convert_tokenizer(gguf_dir: Path):
 def _gguf_parsed_once():
     """transformers parses the GGUF's metadata again for each of tokenizer, config and weights:
     17 s each on 2 cores, nearly all of it the 262,144-entry vocabulary, read string by string.
-    Within it (a block, or a function it decorates) they share one read-only `gguf.GGUFReader` per file (transformers imports
-    the class from `gguf` at each call), so a conversion parses the file once."""
+    Within it (a block, or a function it decorates) they share one read-only `gguf.GGUFReader`
+    per file (transformers imports the class from `gguf` at each call): one parse per conversion."""
     import gguf
 
     original, readers = gguf.GGUFReader, {}
