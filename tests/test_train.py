@@ -243,11 +243,12 @@ def test_config_recipes_load_and_open_with_their_command(name):
     assert path.read_text().splitlines()[0] == f"# banklora train --config configs/{name}.yaml"
     settings = load_train_settings(path, {"epochs": 1.0, "lora": {"r": 4}})  # flags override the file
     assert settings.epochs == 1.0 and settings.lora.r == 4
-    if name == "cpu_quick":  # the quickstart's recipe: train's defaults without the question variants
+    if name == "cpu_quick":  # the quickstart's recipe: train's defaults without the question variants, with sequence-level unlikelihood
         from banklora.config import QUICKSTART
 
         assert (TrainSettings().epochs, TrainSettings().augment) == (1.0, 2)
-        assert load_train_settings(path, {}).to_dict() == TrainSettings(augment=0).to_dict() == TrainSettings(**QUICKSTART).to_dict()
+        quick = TrainSettings(augment=0, sequence_unlikelihood=0.5, sequence_unlikelihood_prompts=32)
+        assert load_train_settings(path, {}).to_dict() == quick.to_dict() == TrainSettings(**QUICKSTART).to_dict()
     if name == "seed":  # the seed's literal settings
         seed = load_train_settings(path, {})
         assert (seed.epochs, seed.lr, seed.batch_size, seed.max_length, seed.lora.r, seed.lora.alpha, seed.augment) == (3, 2e-4, 4, 512, 8, 32, 0)
