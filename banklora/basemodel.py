@@ -343,7 +343,6 @@ def _gguf_parsed_once():
         gguf.GGUFReader = original
 
 
-@_gguf_parsed_once()
 def _convert_tokenizer_only(target: Path) -> None:
     gguf_dir = target.parent / "gguf"
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")

@@ -554,7 +554,8 @@ def quickstart(*, flags: dict) -> None:
     start = time.perf_counter()
     settings = resolve_settings(None, QUICKSTART | overrides_from_flags(flags), "auto")
     console.rule("[bold]1/3 data")
-    if is_embedded(settings.base_model):  # the whole model at once: its tokenizer alone, then the rest, parse the GGUF twice (+17 s)
+    if is_embedded(settings.base_model):  # convert the whole model now, as training needs it: converting the tokenizer
+        # alone for the data step and the rest later would parse the GGUF twice (+17 s)
         embedded_checkpoint()
     data_stats(data=list(settings.data), split=None, base_model=settings.base_model, max_length=settings.max_length, plot=None)
     console.rule("[bold]2/3 train")

@@ -290,7 +290,6 @@ def test_answering_in_a_bf16_run_merges_the_adapter_into_the_bf16_copies_only(ti
         assert not any(m.merged for m in layers)
 
 
-
 def test_answering_during_training_attends_as_a_model_loaded_for_answering(tiny_adapter, tokenizer, monkeypatch):
     """Training loads the base with eager attention; its greedy answers (train._answering: the turn-end
     check, --sequence-unlikelihood's loops) attend through SDPA, as `load` loads a model for answering
