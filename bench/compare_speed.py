@@ -72,7 +72,9 @@ def full_passes(model, tokenizer, examples, batch_size=8):
     for i in range(0, len(with_reference), batch_size):
         encoded = [encode_conversation(tokenizer, e.question() + [{"role": "assistant", "content": e.output}], last_answer_only=True)
                    for e in with_reference[i : i + batch_size]]
-        values += answer_loss(model, {k: v.to(device) for k, v in collate(encoded, 0).items()}, per_example=True).tolist()
+        means = answer_loss(model, {k: v.to(device) for k, v in collate(encoded, 0).items()}, per_example=True).tolist()
+        tokens = [sum(label != -100 for label in enc.labels) for enc in encoded]
+        values += [(mean * n, n) for mean, n in zip(means, tokens)]  # reference_scores' (total NLL, tokens)
     it = iter(values)
     return [next(it) if e.output else None for e in examples]
 
@@ -102,7 +104,7 @@ def main() -> None:
     compare.run_compare(args.adapter, questions=["banking-eval"], settings=GenerationSettings(max_new_tokens=4), limit=1, loaded=loaded)  # warm-up
 
     start = time.perf_counter()
-    with mock.patch.object(compare, "generate_batch", fixed_batches), mock.patch.object(compare, "reference_nll", full_passes):
+    with mock.patch.object(compare, "generate_batch", fixed_batches), mock.patch.object(compare, "reference_scores", full_passes):
         before = compare.run_compare(args.adapter, **kwargs)
     before_s = time.perf_counter() - start
     runs = {}

@@ -194,7 +194,7 @@ def test_reports_hold_every_number(html_report):
             for m in ("base", "tiny"):
                 assert g["means"][m]["rouge_l"] == pytest.approx(sum(q["answers"][m]["rouge_l"] for q in rows) / len(rows), abs=1e-4)
                 assert g["means"][m]["ref_perplexity"] == pytest.approx(math.exp(sum(q["answers"][m]["ref_nll"] for q in rows) / len(rows)), rel=1e-3)
-    assert saved["format"] == "banklora-compare/5" and {"ends", "loops"} <= set(saved["metric_definitions"])
+    assert saved["format"] == "banklora-compare/6" and {"ends", "loops"} <= set(saved["metric_definitions"])
     for m in ("base", "tiny"):  # ends and loops: shares and counts recomputed from the answers
         s = saved["summary"][m]
         assert s["ends_count"] == s["finished"] == sum(q["answers"][m]["finished"] for q in saved["questions"])
@@ -404,16 +404,17 @@ def test_reference_nll_equals_one_plain_forward_pass_per_answer(tiny_adapter):
     """Scoring runs each prompt once (left-padded among prompts of other lengths) and its answers
     on copies of its KV cache (right-padded): the same NLL as transformers' own forward pass over
     prompt + answer, for answers longer than the tiny model's sliding window (64), a multi-turn
-    conversation, prompts shared by several answers, and with the adapter on and off."""
+    conversation, a prompt shared by more answers than one pass takes, and with the adapter on and off."""
     from banklora.data.dataset import Example, load_examples
     from banklora.data.format import encode_conversation
-    from banklora.evaluation.compare import reference_nll
+    from banklora.evaluation.compare import ANSWERS_PER_PASS, reference_nll
     from banklora.modeling import load
 
     loaded = load(str(tiny_adapter), dtype="fp32")
     model, tok = loaded.model, loaded.tokenizer
     long = [e for e in load_examples(["banking"], split="test") if len(tok(e.output).input_ids) > 80][:3]
-    shared = [Example(instruction="定期存款提前支取怎么计息？", output=o) for o in ("按活期利率", "按原定期利率计息，不受影响", "不计利息")]
+    shared = [Example(instruction="定期存款提前支取怎么计息？", output=o)
+              for o in ("按活期利率", "按原定期利率计息，不受影响", "不计利息", *(f"按第{i}档利率" for i in range(ANSWERS_PER_PASS)))]
     dialogue = Example(instruction="", output="请准备身份证和收入证明。", messages=(("user", "我想办信用卡。"), ("assistant", "请问您有稳定收入吗？"),
                                                              ("user", "有的，要什么材料？"), ("assistant", "请准备身份证和收入证明。")))
     examples = [long[0], shared[0], Example(instruction="没有参考答案的问题", output=""), dialogue, *shared[1:], *long[1:]]

@@ -37,30 +37,59 @@ def report(tiny_adapter, mcq_file):
 
 
 def test_each_option_is_scored_by_its_mean_nll_as_the_answer_and_the_lowest_is_chosen(report, tiny_base):
-    """Recomputed with a plain transformers forward pass over the formatter's ids and labels."""
+    """Recomputed with a plain transformers forward pass over the formatter's ids and labels; the
+    calibrated choice from the options' total NLL after the question minus after the neutral prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from banklora.data.format import encode_conversation
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+
+    def nll(question, option):  # per answer token
+        enc = encode_conversation(tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": option}], last_answer_only=True)
+        ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+        with torch.no_grad():
+            logp = model(ids).logits[0, :-1].log_softmax(-1)
+        target = labels[0, 1:]
+        mask = target != -100
+        return -logp[mask].gather(1, target[mask, None])[:, 0]
+
     k = report["knowledge"]
     assert [q["id"] for q in k["questions"]] == ["q1", "q2", "q3"]
     for q, source in zip(k["questions"], QUESTIONS):
-        expected = []
-        for option in source["options"]:
-            enc = encode_conversation(tokenizer, [{"role": "user", "content": source["question"]}, {"role": "assistant", "content": option}], last_answer_only=True)
-            ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
-            with torch.no_grad():
-                logp = model(ids).logits[0, :-1].log_softmax(-1)
-            target = labels[0, 1:]
-            mask = target != -100
-            expected.append(-logp[mask].gather(1, target[mask, None]).mean().item())
+        asked = [nll(source["question"], o) for o in source["options"]]
+        neutral = [nll("答案：" if source["language"] == "zh" else "Answer:", o) for o in source["options"]]
+        expected = [x.mean().item() for x in asked]
         got = q["models"]["base"]["option_nll"]
         assert got == pytest.approx(expected, abs=1e-4)
+        assert q["models"]["base"]["option_nll_neutral"] == pytest.approx([x.mean().item() for x in neutral], abs=1e-4)
+        assert q["option_tokens"] == [len(x) for x in asked]
         assert q["models"]["base"]["choice"] == min(range(4), key=expected.__getitem__)
         assert q["models"]["base"]["correct"] == (q["models"]["base"]["choice"] == source["answer"])
+        gain = [(a.sum() - u.sum()).item() for a, u in zip(asked, neutral)]
+        assert q["models"]["base"]["calibrated_choice"] == min(range(4), key=gain.__getitem__)
+        assert q["models"]["base"]["calibrated_correct"] == (q["models"]["base"]["calibrated_choice"] == source["answer"])
         assert q["models"]["tiny"]["option_nll"] != got  # the adapter answers with its own weights
+
+
+def test_the_calibrated_score_picks_what_the_question_raises_not_what_is_fluent_anyway():
+    """An option the model finds likely whatever is asked wins by likelihood; by the calibrated
+    score the one the question makes likelier wins."""
+    from banklora.evaluation.knowledge import knowledge_report, load_choices
+
+    (choice,) = [c for c in load_choices(["banking-mcq"]) if c.id == "mcq-account-01"]
+    right, fluent = choice.answer, (choice.answer + 1) % 4
+    # (total NLL, tokens) after the question, then after the neutral prompt
+    asked = [(40.0, 10)] * 4
+    asked[fluent], asked[right] = (20.0, 10), (30.0, 10)
+    neutral = [(44.0, 10)] * 4
+    neutral[fluent], neutral[right] = (21.0, 10), (39.0, 10)
+    k = knowledge_report([choice], {"base": asked + neutral}, ["base"], [], ["banking-mcq"])
+    (q,) = k["questions"]
+    assert q["models"]["base"]["choice"] == fluent and q["models"]["base"]["calibrated_choice"] == right
+    assert k["accuracy"]["base"]["taught"]["accuracy"] == 0.0 and k["accuracy"]["base"]["taught (calibrated)"]["accuracy"] == 1.0
+    assert "language zh (calibrated)" not in k["accuracy"]["base"]
 
 
 def test_accuracy_per_part_and_language_and_the_report_files(report, tmp_path):
@@ -73,6 +102,8 @@ def test_accuracy_per_part_and_language_and_the_report_files(report, tmp_path):
         assert acc["all"]["n"] == 3 and acc["all"]["correct"] == sum(correct.values())
         assert acc["taught"] == {"correct": int(correct["q1"]), "n": 1, "accuracy": float(correct["q1"])}
         assert acc["held-out"]["correct"] == correct["q2"] + correct["q3"] and acc["language en"]["n"] == 1
+        calibrated = {q["id"]: q["models"][m]["calibrated_correct"] for q in k["questions"]}
+        assert acc["held-out (calibrated)"]["correct"] == calibrated["q2"] + calibrated["q3"] and acc["all (calibrated)"]["n"] == 3
     (c,) = k["comparisons"]
     assert (c["a"], c["b"]) == ("base", "tiny") and set(c["parts"]) == set(k["accuracy"]["base"])
     paths = write_reports(report, tmp_path / "r.json")

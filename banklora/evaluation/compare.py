@@ -85,6 +85,7 @@ def perplexity(nll: float) -> float:
 # time, in an order set by the texts alone, whatever --batch-size is: fixed batches keep the float
 # rounding, so the numbers do not depend on how many answers were generated at once.
 SCORING_BATCH = 8
+ANSWERS_PER_PASS = 8  # answers of one prompt in one pass (reference_scores)
 
 
 def prompt_ids(tokenizer, example: Example) -> list[int]:
@@ -92,34 +93,46 @@ def prompt_ids(tokenizer, example: Example) -> list[int]:
     return encode_conversation(tokenizer, example.question(), add_generation_prompt=True).input_ids
 
 
-@torch.inference_mode()
 def reference_nll(model, tokenizer, examples: list[Example], batch_size: int = SCORING_BATCH) -> list[float | None]:
     """Mean negative log-likelihood per token of each reference answer (the final answer and its
     <end_of_turn>, after the same conversation the model answers from), teacher-forced; None
-    without a reference.
+    without a reference (reference_scores)."""
+    return [None if s is None else s[0] / s[1] for s in reference_scores(model, tokenizer, examples, batch_size)]
+
+
+@torch.inference_mode()
+def reference_scores(model, tokenizer, examples: list[Example], batch_size: int = SCORING_BATCH) -> list[tuple[float, int] | None]:
+    """Total negative log-likelihood and token count of each reference answer (the final answer
+    and its <end_of_turn>, after the same conversation the model answers from), teacher-forced;
+    None without a reference.
 
     Examples that ask the same conversation (a knowledge question's four options) share one pass
     over it: each prompt runs once, left-padded in a batch of `batch_size` prompts of similar
     length, and its KV cache is copied to each of its answers, which run right-padded in a second
     pass. Equal, to float rounding, to one pass over prompt + answer (tested), in fewer tokens
-    (the knowledge test's options: 2.3x fewer)."""
+    (the knowledge test's options: 2.3x fewer). A prompt with more than ANSWERS_PER_PASS answers
+    (the knowledge test's neutral prompt, hundreds) runs once per that many, so a pass copies the
+    cache to at most batch_size x ANSWERS_PER_PASS rows."""
     answers: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # prompt -> (example index, answer ids)
     for i, e in enumerate(examples):
         if e.output:
             enc = encode_conversation(tokenizer, e.question() + [{"role": "assistant", "content": e.output}], last_answer_only=True)
             start = next(k for k, label in enumerate(enc.labels) if label != IGNORE_INDEX)
             answers.setdefault(tuple(enc.input_ids[:start]), []).append((i, enc.input_ids[start:]))
-    prompts = sorted(answers, key=lambda p: (len(p) + max(len(a) for _, a in answers[p]), p))
-    values: list[float | None] = [None] * len(examples)
-    for b in range(0, len(prompts), batch_size):
-        batch = [(p, answers[p]) for p in prompts[b : b + batch_size]]
+    for group in answers.values():
+        group.sort(key=lambda a: len(a[1]))  # a pass's answers of similar length: less padding where a prompt has many
+    groups = [(p, group[k : k + ANSWERS_PER_PASS]) for p, group in answers.items() for k in range(0, len(group), ANSWERS_PER_PASS)]
+    groups.sort(key=lambda g: (len(g[0]) + max(len(a) for _, a in g[1]), g[0], g[1][0][0]))  # an order set by the texts alone
+    values: list[tuple[float, int] | None] = [None] * len(examples)
+    for b in range(0, len(groups), batch_size):
+        batch = groups[b : b + batch_size]
         for (i, _), nll in zip((x for _, group in batch for x in group), _answer_nll(model, batch, tokenizer.pad_token_id or 0)):
             values[i] = nll
     return values
 
 
-def _answer_nll(model, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]], pad: int) -> list[float]:
-    """Mean NLL of each answer after its prompt, for prompts with their answers, answers in order."""
+def _answer_nll(model, batch: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]], pad: int) -> list[tuple[float, int]]:
+    """Total NLL and token count of each answer after its prompt, for prompts with their answers, answers in order."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
     ids, mask, positions = left_padded([list(p) for p, _ in batch], pad, device)
@@ -146,7 +159,7 @@ def _answer_nll(model, batch: list[tuple[tuple[int, ...], list[tuple[int, list[i
     keep = targets >= 0
     losses = head_losses(causal_lm, hidden[keep], targets[keep])
     sums = torch.zeros(len(conts), device=device).index_add_(0, keep.nonzero()[:, 0], losses)
-    return (sums / keep.sum(1)).tolist()
+    return list(zip(sums.tolist(), keep.sum(1).tolist()))
 
 
 def _mean(values) -> float | None:
@@ -243,13 +256,13 @@ def run_compare(
     examples = load_examples(list(questions), split=split, questions=True)[:limit]
     if not examples:
         raise UsageError(f"no questions in {', '.join(questions)}" + (f" with split {split}" if split else ""))
-    options = knowledge.option_examples(choices)
+    options = knowledge.option_examples(choices) + knowledge.neutral_option_examples(choices)  # after the question, then the neutral prompt
     prompts = [prompt_ids(loaded.tokenizer, e) for e in examples]
     model, tok = loaded.model, loaded.tokenizer
     models = ["base", *loaded.adapter_names]
     gens: dict[str, list[Generation]] = {}
     nlls: dict[str, list[float | None]] = {}
-    option_nll: dict[str, list[float]] = {}
+    option_scores: dict[str, list[tuple[float, int]]] = {}
     for name in models:
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             if name != "base":
@@ -264,7 +277,7 @@ def run_compare(
             # an adapter scores merged into copies of the base's weights: within 7e-6 of its unmerged likelihoods, 1.3x faster
             with contextlib.nullcontext() if name == "base" else merged_adapter(model):
                 nlls[name] = reference_nll(model, tok, examples, SCORING_BATCH)
-                option_nll[name] = reference_nll(model, tok, options, SCORING_BATCH)
+                option_scores[name] = reference_scores(model, tok, options, SCORING_BATCH)
     model.set_adapter(loaded.adapter_names[0])
     rows = []
     for i, e in enumerate(examples):
@@ -282,7 +295,7 @@ def run_compare(
     pairs = [("base", name) for name in loaded.adapter_names]
     pairs += [(a, b) for i, a in enumerate(loaded.adapter_names) for b in loaded.adapter_names[i + 1 :]]
     return {
-        "format": "banklora-compare/5",
+        "format": "banklora-compare/6",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": models,
         "adapters": {name: {"path": str(p), "meta": _meta_summary(p)} for name, p in zip(loaded.adapter_names, paths)},
@@ -310,7 +323,7 @@ def run_compare(
         "summary": summarize(rows, models),
         "breakdowns": breakdowns(rows, models),
         "comparisons": [compare_pair(rows, a, b) for a, b in pairs],
-        "knowledge": knowledge.knowledge_report(choices, option_nll, models, pairs, list(knowledge_tests)) if choices else None,
+        "knowledge": knowledge.knowledge_report(choices, option_scores, models, pairs, list(knowledge_tests)) if choices else None,
         "questions": rows,
     }
 

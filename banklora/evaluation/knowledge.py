@@ -6,6 +6,12 @@ option whose tokens have the lowest mean negative log-likelihood is the model's 
 lm-evaluation-harness's likelihood tasks, FinEval and C-Eval's likelihood mode. Deterministic and
 cheap: one teacher-forced pass per option, batched, the same for every model.
 
+That choice also rewards an option for being fluent whatever was asked: the embedded base picks
+the option it would also pick with no question at all on 61 of the 72 taught questions, and
+scores below chance. So each part is scored *calibrated* as well: the option whose likelihood
+the question raises most over a neutral prompt (NEUTRAL_QUESTION), summed over its tokens
+(domain-conditional PMI, Holtzman et al. 2021, "Surface Form Competition").
+
 Accuracy per model and part: `taught` asks, in other words, facts stated in train-split answers;
 `held-out` asks facts found only in validation/test answers. Per pair of models and part:
 McNemar's exact test on the questions one model gets right and the other wrong, and a bootstrap
@@ -26,6 +32,12 @@ from banklora.evaluation import statistics
 BUILTIN = {"banking-mcq": "banking_mcq.jsonl"}  # 120 questions, 12 categories, zh + en, taught / held-out
 PARTS = ("taught", "held-out")
 OPTIONS = 4
+# What the calibrated score asks instead of the question: nothing but that an answer follows ("the answer is:")
+NEUTRAL_QUESTION = {"zh": "答案：", "en": "Answer:"}
+CALIBRATED = " (calibrated)"  # the calibrated score's parts: "taught (calibrated)"
+SCORING = ("the option with the lowest mean NLL per token as the answer to the question; calibrated: the option whose total NLL "
+           "falls most from after a neutral prompt (答案： / Answer:) to after the question, i.e. that the question makes most likely "
+           "(domain-conditional PMI), not the option's own fluency; McNemar's exact test per pair")
 
 
 @dataclass(frozen=True)
@@ -86,27 +98,43 @@ def option_examples(items: list[Choice]) -> list[Example]:
             for c in items for i, o in enumerate(c.options)]
 
 
-def knowledge_report(items: list[Choice], option_nll: dict[str, list[float]], models: list[str], pairs: list[tuple[str, str]], sources: list[str]) -> dict:
-    """Choices, accuracy per model and part, paired statistics per pair of models."""
-    questions = []
+def neutral_option_examples(items: list[Choice]) -> list[Example]:
+    """option_examples' options, in the same order, as the answer to the neutral prompt of the
+    question's language: their likelihood with nothing asked, which the calibrated score subtracts."""
+    return [Example(instruction=NEUTRAL_QUESTION["zh" if c.language.startswith("zh") else "en"], output=o, category=c.category,
+                    language=c.language, id=f"{c.id}/{i}/neutral")
+            for c in items for i, o in enumerate(c.options)]
+
+
+def knowledge_report(items: list[Choice], option_scores: dict[str, list[tuple[float, int]]], models: list[str], pairs: list[tuple[str, str]],
+                     sources: list[str]) -> dict:
+    """Choices, accuracy per model and part (likelihood and calibrated), paired statistics per pair
+    of models. `option_scores[model]`: (total NLL, tokens) of option_examples, then of
+    neutral_option_examples."""
+    questions, n = [], len(items) * OPTIONS
     for k, c in enumerate(items):
         row = {"id": c.id, "part": c.part, "category": c.category, "language": c.language, "question": c.question,
                "options": list(c.options), "answer": c.answer, "source": c.source, "models": {}}
         for m in models:
-            nll = option_nll[m][k * OPTIONS : (k + 1) * OPTIONS]
-            choice = min(range(OPTIONS), key=nll.__getitem__)
-            row["models"][m] = {"choice": choice, "correct": choice == c.answer, "option_nll": [round(x, 5) for x in nll]}
+            asked, neutral = option_scores[m][k * OPTIONS : (k + 1) * OPTIONS], option_scores[m][n + k * OPTIONS : n + (k + 1) * OPTIONS]
+            nll = [total / tokens for total, tokens in asked]
+            gain = [a - u for (a, _), (u, _) in zip(asked, neutral)]  # -log of how much the question raises the option
+            choice, calibrated = min(range(OPTIONS), key=nll.__getitem__), min(range(OPTIONS), key=gain.__getitem__)
+            row["models"][m] = {"choice": choice, "correct": choice == c.answer, "option_nll": [round(x, 5) for x in nll],
+                                "calibrated_choice": calibrated, "calibrated_correct": calibrated == c.answer,
+                                "option_nll_neutral": [round(total / tokens, 5) for total, tokens in neutral]}
+        row["option_tokens"] = [tokens for _, tokens in option_scores[models[0]][k * OPTIONS : (k + 1) * OPTIONS]]
         questions.append(row)
     groups = {"all": questions} | {p: [q for q in questions if q["part"] == p] for p in PARTS}
     groups |= {f"language {lang}": [q for q in questions if q["language"] == lang] for lang in dict.fromkeys(q["language"] for q in questions)}
-    groups = {name: rows for name, rows in groups.items() if rows}
-    accuracy = {m: {name: {"correct": sum(q["models"][m]["correct"] for q in rows), "n": len(rows),
-                           "accuracy": round(sum(q["models"][m]["correct"] for q in rows) / len(rows), 4)}
-                    for name, rows in groups.items()} for m in models}
-    comparisons = [{"a": a, "b": b, "parts": {name: statistics.mcnemar([q["models"][a]["correct"] for q in rows], [q["models"][b]["correct"] for q in rows], name)
-                                              for name, rows in groups.items()}} for a, b in pairs]
-    return {"sources": sources, "chance": 1 / OPTIONS, "accuracy": accuracy, "comparisons": comparisons, "questions": questions,
-            "scoring": "the option with the lowest mean NLL per token as the answer to the question; McNemar's exact test per pair"}
+    groups = {(name, "correct"): rows for name, rows in groups.items() if rows} | {
+        (name + CALIBRATED, "calibrated_correct"): rows for name, rows in groups.items() if rows and not name.startswith("language ")}
+    accuracy = {m: {name: {"correct": sum(q["models"][m][field] for q in rows), "n": len(rows),
+                           "accuracy": round(sum(q["models"][m][field] for q in rows) / len(rows), 4)}
+                    for (name, field), rows in groups.items()} for m in models}
+    comparisons = [{"a": a, "b": b, "parts": {name: statistics.mcnemar([q["models"][a][field] for q in rows], [q["models"][b][field] for q in rows], name)
+                                              for (name, field), rows in groups.items()}} for a, b in pairs]
+    return {"sources": sources, "chance": 1 / OPTIONS, "accuracy": accuracy, "comparisons": comparisons, "questions": questions, "scoring": SCORING}
 
 
 def print_knowledge(report: dict, console, name: dict[str, str] | None = None) -> None:
@@ -147,7 +175,7 @@ def knowledge_markdown(report: dict) -> list[str]:
         return []
     models = report["models"]
     lines = ["", f"## Knowledge test ({', '.join(k['sources'])})", "",
-             f"Accuracy; each option scored by its likelihood as the answer, chance {k['chance']:.2f}.", "",
+             f"Accuracy, chance {k['chance']:.2f}: {k['scoring']}.", "",
              "| part | n | " + " | ".join(models) + " |", "|---|---:|" + "---:|" * len(models)]
     for name, cell in k["accuracy"][models[0]].items():
         lines.append(f"| {name} | {cell['n']} | " + " | ".join(f"{k['accuracy'][m][name]['accuracy']:.3f}" for m in models) + " |")

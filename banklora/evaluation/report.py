@@ -161,7 +161,7 @@ img{max-width:100%;display:block;margin:8px 0}
 <td>[{{ "%+.3f"|format(s.ci_low) }}, {{ "%+.3f"|format(s.ci_high) }}]</td><td>{{ "%.3g"|format(s.p_value) }}</td><td>{{ s.b_only }} / {{ s.a_only }}</td>
 <td class="text {{ 'good' if finding.endswith('better') else ('bad' if finding.endswith('worse') else '') }}">{{ s.verdict }}</td></tr>{% endfor %}</table>{% endfor %}
 {% set k = report.knowledge %}{% if k %}<h2>Knowledge test ({{ k.sources|join(", ") }})</h2>
-<p>Accuracy; each option scored by its likelihood as the answer, chance {{ "%.2f"|format(k.chance) }}.</p>
+<p>Accuracy, chance {{ "%.2f"|format(k.chance) }}: {{ k.scoring }}.</p>
 <table id="knowledge"><tr><th>part</th><th>n</th>{% for m in models %}<th>{{ m }}</th>{% endfor %}</tr>
 {% for name, cell in k.accuracy[models[0]].items() %}<tr><td class="text">{{ name }}</td><td>{{ cell.n }}</td>{% for m in models %}<td>{{ "%.3f"|format(k.accuracy[m][name].accuracy) }}</td>{% endfor %}</tr>{% endfor %}</table>
 {% for c in k.comparisons %}<p>{{ c.b }} vs {{ c.a }}:</p><ul>{% for s in c.parts.values() %}<li class="{{ ('good' if s.mean_delta > 0 else 'bad') if s.significant else '' }}">{{ s.verdict }}</li>{% endfor %}</ul>{% endfor %}{% endif %}
