@@ -82,7 +82,8 @@ def full_passes(model, tokenizer, examples, batch_size=8):
 def nll_values(report):
     """Every reference and option NLL of a report, in order."""
     values = [q["answers"][m]["ref_nll"] for q in report["questions"] for m in report["models"]]
-    return values + [x for q in report["knowledge"]["questions"] for m in report["models"] for x in q["models"][m]["option_nll"]]
+    return values + [x for q in report["knowledge"]["questions"] for m in report["models"]
+                     for x in q["models"][m]["option_nll"] + q["models"][m]["option_nll_neutral"]]
 
 
 def main() -> None:

@@ -82,8 +82,9 @@ def perplexity(nll: float) -> float:
 
 
 # Teacher-forced scoring (reference NLL, the knowledge test's options) runs this many prompts at a
-# time, in an order set by the texts alone, whatever --batch-size is: fixed batches keep the float
-# rounding, so the numbers do not depend on how many answers were generated at once.
+# time (a prompt with more than ANSWERS_PER_PASS answers counts once per that many), in an order set
+# by the examples alone, whatever --batch-size is: fixed batches keep the float rounding, so the
+# numbers do not depend on how many answers were generated at once.
 SCORING_BATCH = 8
 ANSWERS_PER_PASS = 8  # answers of one prompt in one pass (reference_scores)
 
@@ -122,7 +123,7 @@ def reference_scores(model, tokenizer, examples: list[Example], batch_size: int 
     for group in answers.values():
         group.sort(key=lambda a: len(a[1]))  # a pass's answers of similar length: less padding where a prompt has many
     groups = [(p, group[k : k + ANSWERS_PER_PASS]) for p, group in answers.items() for k in range(0, len(group), ANSWERS_PER_PASS)]
-    groups.sort(key=lambda g: (len(g[0]) + max(len(a) for _, a in g[1]), g[0], g[1][0][0]))  # an order set by the texts alone
+    groups.sort(key=lambda g: (len(g[0]) + max(len(a) for _, a in g[1]), g[0], g[1][0][0]))  # set by the examples alone
     values: list[tuple[float, int] | None] = [None] * len(examples)
     for b in range(0, len(groups), batch_size):
         batch = groups[b : b + batch_size]

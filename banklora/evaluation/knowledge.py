@@ -32,7 +32,8 @@ from banklora.evaluation import statistics
 BUILTIN = {"banking-mcq": "banking_mcq.jsonl"}  # 120 questions, 12 categories, zh + en, taught / held-out
 PARTS = ("taught", "held-out")
 OPTIONS = 4
-# What the calibrated score asks instead of the question: nothing but that an answer follows ("the answer is:")
+# What the calibrated score asks instead of the question: nothing but that an answer follows ("the answer is:");
+# Chinese questions (language zh, zh-CN, ...) get the Chinese prompt, every other language the English one
 NEUTRAL_QUESTION = {"zh": "答案：", "en": "Answer:"}
 CALIBRATED = " (calibrated)"  # the calibrated score's parts: "taught (calibrated)"
 SCORING = ("the option with the lowest mean NLL per token as the answer to the question; calibrated: the option whose total NLL "
@@ -101,7 +102,7 @@ def option_examples(items: list[Choice]) -> list[Example]:
 def neutral_option_examples(items: list[Choice]) -> list[Example]:
     """option_examples' options, in the same order, as the answer to the neutral prompt of the
     question's language: their likelihood with nothing asked, which the calibrated score subtracts."""
-    return [Example(instruction=NEUTRAL_QUESTION["zh" if c.language.startswith("zh") else "en"], output=o, category=c.category,
+    return [Example(instruction=NEUTRAL_QUESTION["zh" if c.language.lower().startswith("zh") else "en"], output=o, category=c.category,
                     language=c.language, id=f"{c.id}/{i}/neutral")
             for c in items for i, o in enumerate(c.options)]
 
