@@ -257,7 +257,7 @@ def run_compare(
     examples = load_examples(list(questions), split=split, questions=True)[:limit]
     if not examples:
         raise UsageError(f"no questions in {', '.join(questions)}" + (f" with split {split}" if split else ""))
-    options = knowledge.option_examples(choices) + knowledge.neutral_option_examples(choices)  # after the question, then the neutral prompt
+    options = knowledge.option_examples(choices)  # after the question, then after the neutral prompt
     prompts = [prompt_ids(loaded.tokenizer, e) for e in examples]
     model, tok = loaded.model, loaded.tokenizer
     models = ["base", *loaded.adapter_names]

@@ -37,8 +37,8 @@ OPTIONS = 4
 NEUTRAL_QUESTION = {"zh": "答案：", "en": "Answer:"}
 CALIBRATED = " (calibrated)"  # the calibrated score's parts: "taught (calibrated)"
 SCORING = ("the option with the lowest mean NLL per token as the answer to the question; calibrated: the option whose total NLL "
-           "falls most from after a neutral prompt (答案： / Answer:) to after the question, i.e. that the question makes most likely "
-           "(domain-conditional PMI), not the option's own fluency; McNemar's exact test per pair")
+           f"falls most from after a neutral prompt ({' / '.join(NEUTRAL_QUESTION.values())}) to after the question, i.e. that the question "
+           "makes most likely (domain-conditional PMI), not the option's own fluency; McNemar's exact test per pair")
 
 
 @dataclass(frozen=True)
@@ -93,25 +93,22 @@ def _choice(text: str, where: str) -> Choice:
 
 
 def option_examples(items: list[Choice]) -> list[Example]:
-    """One example per (question, option), in order: the option as the reference answer, so the
-    compare's teacher-forced reference NLL scores it."""
-    return [Example(instruction=c.question, output=o, category=c.category, language=c.language, id=f"{c.id}/{i}")
-            for c in items for i, o in enumerate(c.options)]
+    """One example per (question, option), in order, the option as the reference answer, so the
+    compare's teacher-forced reference NLL scores it: first as the answer to the question, then, in
+    the same order, as the answer to the neutral prompt of the question's language (its likelihood
+    with nothing asked, which the calibrated score subtracts)."""
+    def examples(question, suffix: str) -> list[Example]:
+        return [Example(instruction=question(c), output=o, category=c.category, language=c.language, id=f"{c.id}/{i}{suffix}")
+                for c in items for i, o in enumerate(c.options)]
 
-
-def neutral_option_examples(items: list[Choice]) -> list[Example]:
-    """option_examples' options, in the same order, as the answer to the neutral prompt of the
-    question's language: their likelihood with nothing asked, which the calibrated score subtracts."""
-    return [Example(instruction=NEUTRAL_QUESTION["zh" if c.language.lower().startswith("zh") else "en"], output=o, category=c.category,
-                    language=c.language, id=f"{c.id}/{i}/neutral")
-            for c in items for i, o in enumerate(c.options)]
+    return examples(lambda c: c.question, "") + examples(
+        lambda c: NEUTRAL_QUESTION["zh" if c.language.lower().startswith("zh") else "en"], "/neutral")
 
 
 def knowledge_report(items: list[Choice], option_scores: dict[str, list[tuple[float, int]]], models: list[str], pairs: list[tuple[str, str]],
                      sources: list[str]) -> dict:
     """Choices, accuracy per model and part (likelihood and calibrated), paired statistics per pair
-    of models. `option_scores[model]`: (total NLL, tokens) of option_examples, then of
-    neutral_option_examples."""
+    of models. `option_scores[model]`: (total NLL, tokens) of each of option_examples."""
     questions, n = [], len(items) * OPTIONS
     for k, c in enumerate(items):
         row = {"id": c.id, "part": c.part, "category": c.category, "language": c.language, "question": c.question,
